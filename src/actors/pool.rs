@@ -1,0 +1,593 @@
+//! `PoolManager`: one actor per pool, the only writer of that pool's state. It feeds the pure
+//! machine in `domain::pool` with API calls, driver reports and timer ticks, carries out the
+//! effects (through its `SessionActor` children), and hands the changed rows to the group-commit
+//! writer. A reply, and anything a client could observe, leaves only after the commit that made
+//! it durable. Rules run on every event; one timer is set for the next deadline, not a tick.
+//! If a commit fails, the manager stops with an error and its supervisor rebuilds it from the
+//! store, so memory never runs ahead of what is durable for long.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ractor::concurrency::JoinHandle;
+use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
+use serde_json::json;
+
+use super::events::EventHub;
+use super::node::NodeRegistryHandle;
+use super::session::{SessionActor, SessionArgs, SessionMsg};
+use super::{CallError, Clock, RestartLog, RestartPolicy, Slot};
+use crate::domain::pool::{Effect, Handle, HandleEnd, PoolInputError, PoolRules, PoolSnapshot, PoolState, Resized};
+use crate::domain::vm::{Placement, Vm, VmAddress, VmState};
+use crate::domain::{BatchId, HandleId, Millis, VmId};
+use crate::drivers::{PrepareSpec, VmSpec};
+use crate::metrics;
+use crate::store::{Change, StoreError, StoreWriter};
+
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum PoolError {
+    #[error(transparent)]
+    Input(#[from] PoolInputError),
+    #[error("no pool {0:?}")]
+    NoSuchPool(String),
+    #[error("pool {0:?} already exists")]
+    Exists(String),
+    #[error("pool {0:?} is in use: {1}")]
+    Busy(String, String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Call(#[from] CallError),
+}
+
+/// A handle and, once assigned, its VM.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HandleView {
+    pub handle: Handle,
+    pub vm: Option<Vm>,
+}
+
+/// What a driver task learned; tagged with the operation number the rules gave it.
+#[derive(Clone, Debug)]
+pub enum DriverReport {
+    Created { vm: VmId, op: u64, placement: Placement },
+    Booted { vm: VmId, op: u64, address: VmAddress },
+    BootFailed { vm: VmId, op: u64, placement: Option<Placement> },
+    Prepared { vm: VmId, op: u64, ok: bool },
+    Cleaned { vm: VmId, op: u64, ok: bool },
+    Pinged { vm: VmId, ok: bool },
+}
+
+type Reply<T> = RpcReplyPort<Result<T, PoolError>>;
+
+pub enum PoolMsg {
+    SetSize { min: u32, max: u32, linger: u64, reply: Reply<Resized> },
+    PrepareBatch { size: u32, home_page: String, reply: Reply<BatchId> },
+    Lock { batch: BatchId, reply: Reply<HandleId> },
+    Release { handle: HandleId, reply: Reply<()> },
+    CancelBatch { batch: BatchId, reply: Reply<()> },
+    RenewExpire { handle: HandleId, ms: u64, reply: Reply<Millis> },
+    Shutdown { reply: Reply<()> },
+    Status { reply: Reply<PoolSnapshot> },
+    HandleStatus { handle: HandleId, reply: Reply<HandleView> },
+    WaitAssigned { handle: HandleId, reply: Reply<HandleView> },
+    Report(DriverReport),
+    Tick,
+    PersistFailed(String),
+    Crash,
+    CrashSession(VmId),
+}
+
+/// Everything a pool manager needs; kept by the supervisor to rebuild it after a failure.
+#[derive(Clone)]
+pub struct PoolArgs {
+    pub handle: PoolHandle,
+    pub rules: PoolRules,
+    pub writer: StoreWriter,
+    pub nodes: NodeRegistryHandle,
+    pub vm_spec: VmSpec,
+    pub ping_interval: Duration,
+    pub restart: RestartPolicy,
+    pub clock: Clock,
+}
+
+pub struct PoolManager;
+
+pub struct PoolManagerState {
+    args: PoolArgs,
+    pool: PoolState,
+    sessions: HashMap<VmId, ActorRef<SessionMsg>>,
+    session_ids: HashMap<ActorId, VmId>,
+    waiters: HashMap<HandleId, Vec<Reply<HandleView>>>,
+    restarts: RestartLog,
+    timer: Option<(Millis, JoinHandle<()>)>,
+    /// The pool row as last written, to skip rewriting it when nothing in it changed.
+    written_row: Option<Change>,
+    /// Replies and notices that may leave only once the current changes are durable.
+    after_commit: Vec<Box<dyn FnOnce() + Send>>,
+}
+
+impl Actor for PoolManager {
+    type Msg = PoolMsg;
+    type State = PoolManagerState;
+    type Arguments = PoolArgs;
+
+    async fn pre_start(&self, me: ActorRef<PoolMsg>, args: PoolArgs) -> Result<PoolManagerState, ActorProcessingErr> {
+        let name = args.handle.name().to_string();
+        let stored = args.writer.store().load_pools().await?.into_iter().find(|p| p.name == name);
+        let snap = stored.map(|p| p.snapshot).ok_or_else(|| format!("pool {name} is not in the store"))?;
+        let pool = PoolState::restore(args.rules, snap, args.clock.now());
+        let mut st = PoolManagerState {
+            args,
+            pool,
+            sessions: HashMap::new(),
+            session_ids: HashMap::new(),
+            waiters: HashMap::new(),
+            restarts: RestartLog::default(),
+            timer: None,
+            written_row: None,
+            after_commit: Vec::new(),
+        };
+        for h in st.pool.handles() {
+            st.args.handle.events().open(h.id);
+        }
+        // Re-attach to every VM that exists somewhere: claim its capacity, give it a session.
+        let placed: Vec<(VmId, Placement)> = st.pool.vms().filter_map(|v| Some((v.id, v.placement.clone()?))).collect();
+        for (vm, p) in placed {
+            if let Err(e) = st.args.nodes.claim(p.node, &st.args.vm_spec).await {
+                tracing::warn!(pool = %name, vm, node.id = p.node, error = %e, "cannot re-claim capacity");
+            }
+            spawn_session(&me, &mut st, vm, Some(p)).await?;
+        }
+        me.cast(PoolMsg::Tick)?;
+        tracing::info!(pool = %name, vms = st.pool.vms().count(), handles = st.pool.handles().count(), "pool manager started");
+        Ok(st)
+    }
+
+    async fn post_stop(&self, _me: ActorRef<PoolMsg>, st: &mut PoolManagerState) -> Result<(), ActorProcessingErr> {
+        if let Some((_, t)) = st.timer.take() {
+            t.abort();
+        }
+        Ok(())
+    }
+
+    async fn handle(&self, me: ActorRef<PoolMsg>, msg: PoolMsg, st: &mut PoolManagerState) -> Result<(), ActorProcessingErr> {
+        let now = st.args.clock.now();
+        let pool = &mut st.pool;
+        match msg {
+            PoolMsg::SetSize { min, max, linger, reply } => {
+                let r = pool.set_size(min, max, linger, now);
+                return settle(&me, st, r.map_err(Into::into), reply).await;
+            }
+            PoolMsg::PrepareBatch { size, home_page, reply } => {
+                let id = pool.prepare_batch(size, home_page, now);
+                return settle(&me, st, Ok(id), reply).await;
+            }
+            PoolMsg::Lock { batch, reply } => {
+                let r = pool.lock(batch, now);
+                if let Ok(h) = r {
+                    metrics::lock(st.args.handle.name());
+                    st.args.handle.events().open(h);
+                }
+                return settle(&me, st, r.map_err(Into::into), reply).await;
+            }
+            PoolMsg::Release { handle, reply } => {
+                let r = pool.release(handle, now);
+                return settle(&me, st, r.map_err(Into::into), reply).await;
+            }
+            PoolMsg::CancelBatch { batch, reply } => {
+                let r = pool.cancel_batch(batch, now);
+                return settle(&me, st, r.map_err(Into::into), reply).await;
+            }
+            PoolMsg::RenewExpire { handle, ms, reply } => {
+                let r = pool.renew_expire(handle, ms, now);
+                return settle(&me, st, r.map_err(Into::into), reply).await;
+            }
+            PoolMsg::Shutdown { reply } => {
+                pool.shutdown(now);
+                return settle(&me, st, Ok(()), reply).await;
+            }
+            PoolMsg::Status { reply } => {
+                let snap = pool.snapshot();
+                return settle(&me, st, Ok(snap), reply).await;
+            }
+            PoolMsg::HandleStatus { handle, reply } => {
+                let r = view(pool, handle);
+                return settle(&me, st, r, reply).await;
+            }
+            PoolMsg::WaitAssigned { handle, reply } => match view(pool, handle) {
+                Ok(v) if v.vm.is_none() => {
+                    let w = st.waiters.entry(handle).or_default();
+                    w.retain(|p| !p.is_closed());
+                    w.push(reply);
+                }
+                r => return settle(&me, st, r, reply).await,
+            },
+            PoolMsg::Report(r) => {
+                match r {
+                    DriverReport::Created { vm, op, placement } => pool.created(vm, op, placement, now),
+                    DriverReport::Booted { vm, op, address } => pool.booted(vm, op, address, now),
+                    DriverReport::BootFailed { vm, op, placement } => pool.boot_failed(vm, op, placement, now),
+                    DriverReport::Prepared { vm, op, ok } => pool.prepared(vm, op, ok, now),
+                    DriverReport::Cleaned { vm, op, ok } => pool.cleaned(vm, op, ok, now),
+                    DriverReport::Pinged { vm, ok } => pool.pinged(vm, ok, now),
+                }
+                apply(&me, st).await?;
+            }
+            PoolMsg::Tick => {
+                st.timer = None;
+                pool.tick(now);
+                apply(&me, st).await?;
+            }
+            PoolMsg::PersistFailed(why) => {
+                return Err(format!("pool {} could not persist its state: {why}", st.args.handle.name()).into());
+            }
+            PoolMsg::Crash => panic!("injected pool manager crash ({})", st.args.handle.name()),
+            PoolMsg::CrashSession(vm) => {
+                if let Some(s) = st.sessions.get(&vm) {
+                    let _ = s.cast(SessionMsg::Crash);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn handle_supervisor_evt(
+        &self,
+        me: ActorRef<PoolMsg>,
+        evt: SupervisionEvent,
+        st: &mut PoolManagerState,
+    ) -> Result<(), ActorProcessingErr> {
+        match evt {
+            SupervisionEvent::ActorTerminated(cell, _, _) => {
+                if let Some(vm) = st.session_ids.remove(&cell.get_id()) {
+                    if st.sessions.get(&vm).is_some_and(|s| s.get_id() == cell.get_id()) {
+                        st.sessions.remove(&vm);
+                    }
+                }
+            }
+            SupervisionEvent::ActorFailed(cell, err) => {
+                let Some(vm) = st.session_ids.remove(&cell.get_id()) else { return Ok(()) };
+                st.sessions.remove(&vm);
+                metrics::actor_restart("session");
+                let name = st.args.handle.name().to_string();
+                tracing::warn!(pool = %name, vm, error = %err, "session failed");
+                if !st.restarts.allow(&format!("session-{vm}"), st.args.restart) {
+                    return Err(format!("session of vm {vm} failed too often; escalating").into());
+                }
+                // Restart from the stored placement; an operation in flight still reports to the pool.
+                if let Some(v) = st.pool.vm(vm) {
+                    let placement = v.placement.clone();
+                    spawn_session(&me, st, vm, placement).await?;
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+fn view(pool: &PoolState, handle: HandleId) -> Result<HandleView, PoolError> {
+    let h = pool.handle(handle).ok_or(PoolInputError::UnknownHandle(handle))?;
+    Ok(HandleView { handle: h.clone(), vm: h.vm.and_then(|v| pool.vm(v).cloned()) })
+}
+
+/// Carry out effects, persist, and answer `reply` with `value` once the changes are durable.
+async fn settle<T: Send + 'static>(
+    me: &ActorRef<PoolMsg>,
+    st: &mut PoolManagerState,
+    value: Result<T, PoolError>,
+    reply: Reply<T>,
+) -> Result<(), ActorProcessingErr> {
+    st.after_commit.push(Box::new(move || {
+        let _ = reply.send(value);
+    }));
+    apply(me, st).await
+}
+
+/// After any event: run effects, then submit the changed rows (or an empty barrier, so that a
+/// read waits for earlier writes) with every pending reply as the commit's callback.
+async fn apply(me: &ActorRef<PoolMsg>, st: &mut PoolManagerState) -> Result<(), ActorProcessingErr> {
+    let now = st.args.clock.now();
+    for effect in st.pool.take_effects() {
+        run_effect(me, st, effect, now).await?;
+    }
+    let changes = changes(st);
+    let notices = std::mem::take(&mut st.after_commit);
+    if !changes.is_empty() || !notices.is_empty() {
+        metrics::vms(st.args.handle.name(), st.pool.vms().map(|v| v.state));
+        let me = me.clone();
+        let handle = (!changes.is_empty()).then(|| st.args.handle.clone());
+        st.args.writer.submit(
+            changes,
+            Box::new(move |r: Result<(), StoreError>| match r {
+                Ok(()) => {
+                    notices.into_iter().for_each(|n| n());
+                    if let Some(h) = handle {
+                        h.bump();
+                    }
+                }
+                Err(e) => {
+                    // The failed replies are dropped: callers see an error, never an unsaved answer.
+                    let _ = me.cast(PoolMsg::PersistFailed(e.to_string()));
+                }
+            }),
+        );
+    }
+    metrics::rule_passes(st.args.handle.name(), st.pool.passes());
+    reschedule(me, st);
+    Ok(())
+}
+
+async fn run_effect(me: &ActorRef<PoolMsg>, st: &mut PoolManagerState, effect: Effect, now: Millis) -> Result<(), ActorProcessingErr> {
+    let pool_name = st.args.handle.name().to_string();
+    match effect {
+        Effect::Boot { vm, op } => {
+            let session = spawn_session(me, st, vm, None).await?;
+            session.cast(SessionMsg::Boot { op })?;
+        }
+        Effect::Prepare { vm, op, home_page, profile_name, .. } => match st.sessions.get(&vm) {
+            Some(s) => s.cast(SessionMsg::Prepare { op, spec: PrepareSpec { home_page, profile_name } })?,
+            None => st.args.handle.report(DriverReport::Prepared { vm, op, ok: false }),
+        },
+        Effect::Cleanup { vm, op } => match st.sessions.get(&vm) {
+            Some(s) => s.cast(SessionMsg::Cleanup { op })?,
+            None => st.args.handle.report(DriverReport::Cleaned { vm, op, ok: false }),
+        },
+        Effect::Kill { vm, placement } => match st.sessions.remove(&vm) {
+            Some(s) => {
+                let _ = s.cast(SessionMsg::Kill);
+            }
+            None => {
+                if let Some(p) = placement {
+                    let (nodes, spec) = (st.args.nodes.clone(), st.args.vm_spec.clone());
+                    tokio::spawn(async move {
+                        if let Ok(d) = nodes.driver(p.node).await {
+                            let _ = d.destroy(&p.domain).await;
+                        }
+                        nodes.free(p.node, &spec);
+                    });
+                }
+            }
+        },
+        Effect::Assigned { handle, vm, locked_at } => {
+            let events = st.args.handle.events().clone();
+            let waiters = st.waiters.remove(&handle).unwrap_or_default();
+            let v = view(&st.pool, handle).ok();
+            metrics::lock_to_assigned(&pool_name, now.saturating_sub(locked_at));
+            st.after_commit.push(Box::new(move || {
+                events.push(handle, json!({"type": "assigned", "vmid": vm}), now);
+                for w in waiters {
+                    let _ = w.send(v.clone().ok_or(PoolError::Input(PoolInputError::UnknownHandle(handle))));
+                }
+            }));
+        }
+        Effect::HandleEnded { handle, why } => {
+            if why == HandleEnd::Released {
+                metrics::release(&pool_name);
+            }
+            let events = st.args.handle.events().clone();
+            let waiters = st.waiters.remove(&handle).unwrap_or_default();
+            st.after_commit.push(Box::new(move || {
+                let kind = serde_json::to_value(why).unwrap_or_default();
+                events.push(handle, json!({"type": kind}), now);
+                events.close(handle, now);
+                for w in waiters {
+                    let _ = w.send(Err(PoolError::Input(PoolInputError::UnknownHandle(handle))));
+                }
+            }));
+        }
+    }
+    Ok(())
+}
+
+/// The rows the last event changed, as store changes.
+fn changes(st: &mut PoolManagerState) -> Vec<Change> {
+    let pool = st.args.handle.name().to_string();
+    let dirty = st.pool.take_dirty();
+    let snap_row = {
+        let s = &st.pool;
+        Change::Pool {
+            pool: pool.clone(),
+            size: s.size(),
+            next_vm: s.next_vm,
+            next_batch: s.next_batch,
+            next_handle: s.next_handle,
+            preps: s.preps().copied().collect(),
+            pending: s.pending().copied().collect(),
+        }
+    };
+    let mut out = Vec::new();
+    if st.written_row.as_ref() != Some(&snap_row) {
+        st.written_row = Some(snap_row.clone());
+        out.push(snap_row);
+    }
+    for id in dirty.vms {
+        out.push(match st.pool.vm(id) {
+            Some(vm) => Change::Vm { pool: pool.clone(), vm: vm.clone() },
+            None => Change::VmDeleted { pool: pool.clone(), id },
+        });
+    }
+    for id in dirty.batches {
+        out.push(match st.pool.batch(id) {
+            Some(b) => Change::Batch { pool: pool.clone(), batch: b.clone() },
+            None => Change::BatchDeleted { pool: pool.clone(), id },
+        });
+    }
+    for id in dirty.handles {
+        out.push(match st.pool.handle(id) {
+            Some(h) => Change::Handle { pool: pool.clone(), handle: h.clone() },
+            None => Change::HandleDeleted { pool: pool.clone(), id },
+        });
+    }
+    out
+}
+
+fn reschedule(me: &ActorRef<PoolMsg>, st: &mut PoolManagerState) {
+    let next = st.pool.next_deadline();
+    if st.timer.as_ref().map(|(at, _)| *at) == next {
+        return;
+    }
+    if let Some((_, t)) = st.timer.take() {
+        t.abort();
+    }
+    if let Some(at) = next {
+        let wait = st.args.clock.instant_at(at).saturating_duration_since(tokio::time::Instant::now());
+        let me = me.clone();
+        let t = tokio::spawn(async move {
+            tokio::time::sleep(wait).await;
+            let _ = me.cast(PoolMsg::Tick);
+        });
+        st.timer = Some((at, t));
+    }
+}
+
+async fn spawn_session(
+    me: &ActorRef<PoolMsg>,
+    st: &mut PoolManagerState,
+    vm: VmId,
+    placement: Option<Placement>,
+) -> Result<ActorRef<SessionMsg>, ActorProcessingErr> {
+    let booting = st.args.rules.timeouts.booting;
+    let args = SessionArgs {
+        vm,
+        pool: st.args.handle.clone(),
+        nodes: st.args.nodes.clone(),
+        spec: st.args.vm_spec.clone(),
+        placement,
+        ping_interval: st.args.ping_interval,
+        boot_timeout: Duration::from_millis(booting),
+    };
+    let (session, _) = Actor::spawn_linked(None, SessionActor, args, me.get_cell()).await?;
+    st.session_ids.insert(session.get_id(), vm);
+    st.sessions.insert(vm, session.clone());
+    Ok(session)
+}
+
+// ---- handle ------------------------------------------------------------------------------
+
+struct PoolInner {
+    name: String,
+    slot: Slot<PoolMsg>,
+    events: EventHub,
+    timeout: Duration,
+    /// Bumped after every commit that changed the pool: live views wait on it.
+    version: tokio::sync::watch::Sender<u64>,
+}
+
+/// The way in to one pool. Cloneable; survives restarts of the pool manager.
+#[derive(Clone)]
+pub struct PoolHandle {
+    inner: Arc<PoolInner>,
+}
+
+impl PoolHandle {
+    pub fn new(name: &str, timeout: Duration) -> PoolHandle {
+        let inner = PoolInner {
+            name: name.to_string(),
+            slot: Slot::new("pool manager"),
+            events: EventHub::default(),
+            timeout,
+            version: tokio::sync::watch::channel(0).0,
+        };
+        PoolHandle { inner: Arc::new(inner) }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    pub fn events(&self) -> &EventHub {
+        &self.inner.events
+    }
+
+    pub(crate) fn slot(&self) -> &Slot<PoolMsg> {
+        &self.inner.slot
+    }
+
+    /// A receiver that changes after every durable change of the pool.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.inner.version.subscribe()
+    }
+
+    fn bump(&self) {
+        self.inner.version.send_modify(|v| *v += 1);
+    }
+
+    async fn call<T: Send + 'static>(&self, build: impl Fn(Reply<T>) -> PoolMsg) -> Result<T, PoolError> {
+        self.inner.slot.call(build, self.inner.timeout).await?
+    }
+
+    pub async fn set_size(&self, min: u32, max: u32, linger: u64) -> Result<Resized, PoolError> {
+        self.call(|reply| PoolMsg::SetSize { min, max, linger, reply }).await
+    }
+
+    pub async fn prepare_batch(&self, size: u32, home_page: &str) -> Result<BatchId, PoolError> {
+        self.call(|reply| PoolMsg::PrepareBatch { size, home_page: home_page.to_string(), reply }).await
+    }
+
+    pub async fn lock(&self, batch: BatchId) -> Result<HandleId, PoolError> {
+        self.call(|reply| PoolMsg::Lock { batch, reply }).await
+    }
+
+    pub async fn release(&self, handle: HandleId) -> Result<(), PoolError> {
+        self.call(|reply| PoolMsg::Release { handle, reply }).await
+    }
+
+    pub async fn cancel_batch(&self, batch: BatchId) -> Result<(), PoolError> {
+        self.call(|reply| PoolMsg::CancelBatch { batch, reply }).await
+    }
+
+    pub async fn renew_expire(&self, handle: HandleId, ms: u64) -> Result<Millis, PoolError> {
+        self.call(|reply| PoolMsg::RenewExpire { handle, ms, reply }).await
+    }
+
+    pub async fn shutdown(&self) -> Result<(), PoolError> {
+        self.call(|reply| PoolMsg::Shutdown { reply }).await
+    }
+
+    pub async fn status(&self) -> Result<PoolSnapshot, PoolError> {
+        self.call(|reply| PoolMsg::Status { reply }).await
+    }
+
+    pub async fn handle_status(&self, handle: HandleId) -> Result<HandleView, PoolError> {
+        self.call(|reply| PoolMsg::HandleStatus { handle, reply }).await
+    }
+
+    /// The handle's status once it is assigned, or as it is after `wait`.
+    pub async fn wait_assigned(&self, handle: HandleId, wait: Duration) -> Result<HandleView, PoolError> {
+        match self.inner.slot.call(|reply| PoolMsg::WaitAssigned { handle, reply }, wait).await {
+            Ok(r) => r,
+            Err(CallError::Timeout(_)) => self.handle_status(handle).await,
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    pub fn report(&self, r: DriverReport) {
+        if !self.inner.slot.cast(PoolMsg::Report(r)) {
+            tracing::debug!(pool = %self.inner.name, "driver report dropped: pool manager not running");
+        }
+    }
+
+    /// Fault injection (tests): make the pool manager panic.
+    #[doc(hidden)]
+    pub fn inject_crash(&self) {
+        self.inner.slot.cast(PoolMsg::Crash);
+    }
+
+    /// Fault injection (tests): make the session of `vm` panic.
+    #[doc(hidden)]
+    pub fn inject_session_crash(&self, vm: VmId) {
+        self.inner.slot.cast(PoolMsg::CrashSession(vm));
+    }
+
+    /// Counts of this pool's VMs by state (for dashboards and tests).
+    pub async fn vm_states(&self) -> Result<HashMap<VmState, usize>, PoolError> {
+        let mut m = HashMap::new();
+        for v in self.status().await?.vms {
+            *m.entry(v.state).or_default() += 1;
+        }
+        Ok(m)
+    }
+}

@@ -1,0 +1,252 @@
+//! `HiveSupervisor`: the root of the actor tree. It starts the node registry and one pool
+//! manager per stored pool, keeps the directory of pools that HTTP handlers look names up in,
+//! and restarts a failed child from the store (at most N times in T, then it fails itself,
+//! which ends the process with an error rather than leaving it half alive).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::RwLock;
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
+
+use super::node::{NodeRegistry, NodeRegistryHandle, NodeSpec};
+use super::pool::{PoolArgs, PoolError, PoolHandle, PoolManager, PoolMsg};
+use super::{Clock, RestartLog, RestartPolicy, Slot};
+use crate::domain::pool::{PoolRules, PoolSize};
+use crate::drivers::VmSpec;
+use crate::metrics;
+use crate::store::{Change, StoreWriter};
+
+/// Pool name → handle, readable without a round trip through the supervisor.
+#[derive(Clone, Default)]
+pub struct PoolDirectory {
+    pools: Arc<RwLock<BTreeMap<String, PoolHandle>>>,
+}
+
+impl PoolDirectory {
+    pub fn get(&self, name: &str) -> Result<PoolHandle, PoolError> {
+        self.pools.read().get(name).cloned().ok_or_else(|| PoolError::NoSuchPool(name.to_string()))
+    }
+
+    pub fn list(&self) -> Vec<PoolHandle> {
+        self.pools.read().values().cloned().collect()
+    }
+}
+
+/// What every pool manager shares; one `PoolArgs` is made from it per pool.
+#[derive(Clone)]
+pub struct PoolTemplate {
+    pub rules: PoolRules,
+    pub writer: StoreWriter,
+    pub vm_spec: VmSpec,
+    pub ping_interval: Duration,
+    pub restart: RestartPolicy,
+    pub clock: Clock,
+    pub call_timeout: Duration,
+}
+
+pub struct SupervisorArgs {
+    pub pools: PoolDirectory,
+    pub nodes: NodeRegistryHandle,
+    pub node_specs: Vec<NodeSpec>,
+    pub template: PoolTemplate,
+    pub default_size: PoolSize,
+    pub health_interval: Duration,
+}
+
+pub enum HiveMsg {
+    CreatePool { name: String, size: PoolSize, reply: RpcReplyPort<Result<PoolHandle, PoolError>> },
+    DeletePool { name: String, reply: RpcReplyPort<Result<(), PoolError>> },
+}
+
+pub struct HiveSupervisor;
+
+pub struct HiveState {
+    args: SupervisorArgs,
+    restarts: RestartLog,
+}
+
+impl Actor for HiveSupervisor {
+    type Msg = HiveMsg;
+    type State = HiveState;
+    type Arguments = SupervisorArgs;
+
+    async fn pre_start(&self, me: ActorRef<HiveMsg>, args: SupervisorArgs) -> Result<HiveState, ActorProcessingErr> {
+        let st = HiveState { args, restarts: RestartLog::default() };
+        start_registry(&me, &st.args).await?;
+        let stored = st.args.template.writer.store().load_pools().await?;
+        if !stored.iter().any(|p| p.name == "default") {
+            write_new_pool(&st.args.template.writer, "default", st.args.default_size).await?;
+        }
+        let names: Vec<String> = st.args.template.writer.store().load_pools().await?.into_iter().map(|p| p.name).collect();
+        for name in names {
+            let handle = PoolHandle::new(&name, st.args.template.call_timeout);
+            start_pool(&me, &st.args, handle.clone()).await?;
+            st.args.pools.pools.write().insert(name, handle);
+        }
+        Ok(st)
+    }
+
+    async fn handle(&self, me: ActorRef<HiveMsg>, msg: HiveMsg, st: &mut HiveState) -> Result<(), ActorProcessingErr> {
+        match msg {
+            HiveMsg::CreatePool { name, size, reply } => {
+                let r = create_pool(&me, st, name, size).await;
+                let _ = reply.send(r);
+            }
+            HiveMsg::DeletePool { name, reply } => {
+                let r = delete_pool(st, &name).await;
+                let _ = reply.send(r);
+            }
+        }
+        Ok(())
+    }
+
+    async fn handle_supervisor_evt(
+        &self,
+        me: ActorRef<HiveMsg>,
+        evt: SupervisionEvent,
+        st: &mut HiveState,
+    ) -> Result<(), ActorProcessingErr> {
+        let SupervisionEvent::ActorFailed(cell, err) = evt else { return Ok(()) };
+        let id = cell.get_id();
+        if st.args.nodes.slot().get().is_some_and(|a| a.get_id() == id) {
+            metrics::actor_restart("node_registry");
+            tracing::error!(error = %err, "node registry failed");
+            if !st.restarts.allow("node-registry", st.args.template.restart) {
+                return Err("node registry failed too often; giving up".into());
+            }
+            start_registry(&me, &st.args).await?;
+            // Capacity bookkeeping died with it: every pool claims its VMs' capacity again.
+            for p in st.args.pools.list() {
+                p.slot().cast(PoolMsg::Tick);
+            }
+            return Ok(());
+        }
+        let failed = st.args.pools.list().into_iter().find(|p| p.slot().get().is_some_and(|a| a.get_id() == id));
+        if let Some(pool) = failed {
+            metrics::actor_restart("pool_manager");
+            tracing::error!(pool = %pool.name(), error = %err, "pool manager failed; restarting from the store");
+            pool.slot().set(None);
+            if !st.restarts.allow(&format!("pool-{}", pool.name()), st.args.template.restart) {
+                return Err(format!("pool {} failed too often; giving up", pool.name()).into());
+            }
+            start_pool(&me, &st.args, pool).await?;
+        }
+        Ok(())
+    }
+}
+
+async fn start_registry(me: &ActorRef<HiveMsg>, args: &SupervisorArgs) -> Result<(), ActorProcessingErr> {
+    let (reg, _) = Actor::spawn_linked(None, NodeRegistry, (args.template.restart, args.health_interval), me.get_cell()).await?;
+    args.nodes.slot().set(Some(reg));
+    for spec in &args.node_specs {
+        args.nodes.register(spec.clone()).await?;
+    }
+    Ok(())
+}
+
+async fn start_pool(me: &ActorRef<HiveMsg>, args: &SupervisorArgs, handle: PoolHandle) -> Result<(), ActorProcessingErr> {
+    let t = &args.template;
+    let pool_args = PoolArgs {
+        handle: handle.clone(),
+        rules: t.rules,
+        writer: t.writer.clone(),
+        nodes: args.nodes.clone(),
+        vm_spec: t.vm_spec.clone(),
+        ping_interval: t.ping_interval,
+        restart: t.restart,
+        clock: t.clock,
+    };
+    let (actor, _) = Actor::spawn_linked(None, PoolManager, pool_args, me.get_cell()).await?;
+    handle.slot().set(Some(actor));
+    Ok(())
+}
+
+async fn write_new_pool(writer: &StoreWriter, name: &str, size: PoolSize) -> Result<(), PoolError> {
+    let row = Change::Pool { pool: name.to_string(), size, next_vm: 1, next_batch: 1, next_handle: 1, preps: vec![], pending: vec![] };
+    Ok(writer.write(vec![row]).await?)
+}
+
+/// Pool names appear in URLs and metric labels: short, lowercase, no surprises.
+pub fn valid_pool_name(name: &str) -> bool {
+    (1..=40).contains(&name.len()) && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+}
+
+async fn create_pool(me: &ActorRef<HiveMsg>, st: &mut HiveState, name: String, size: PoolSize) -> Result<PoolHandle, PoolError> {
+    use crate::domain::pool::PoolInputError::Invalid;
+    if !valid_pool_name(&name) {
+        return Err(Invalid { field: "name", reason: "1 to 40 characters of a-z, 0-9, '-' and '_'".into() }.into());
+    }
+    if st.args.pools.get(&name).is_ok() {
+        return Err(PoolError::Exists(name));
+    }
+    if size.min > size.max {
+        return Err(Invalid { field: "min", reason: format!("min ({}) is above max ({})", size.min, size.max) }.into());
+    }
+    if size.max > st.args.template.rules.max_cap {
+        return Err(
+            Invalid { field: "max", reason: format!("max ({}) is above the cap ({})", size.max, st.args.template.rules.max_cap) }.into()
+        );
+    }
+    write_new_pool(&st.args.template.writer, &name, size).await?;
+    let handle = PoolHandle::new(&name, st.args.template.call_timeout);
+    start_pool(me, &st.args, handle.clone()).await.map_err(|e| PoolError::Busy(name.clone(), e.to_string()))?;
+    st.args.pools.pools.write().insert(name, handle.clone());
+    Ok(handle)
+}
+
+async fn delete_pool(st: &mut HiveState, name: &str) -> Result<(), PoolError> {
+    if name == "default" {
+        return Err(PoolError::Busy(name.into(), "the default pool serves the vmcloud routes and cannot be deleted".into()));
+    }
+    let pool = st.args.pools.get(name)?;
+    let snap = pool.status().await?;
+    if !snap.vms.is_empty() || !snap.batches.is_empty() || !snap.handles.is_empty() {
+        return Err(PoolError::Busy(
+            name.into(),
+            format!(
+                "{} VMs, {} batches, {} handles; resize it to 0/0/0 and cancel its batches first",
+                snap.vms.len(),
+                snap.batches.len(),
+                snap.handles.len()
+            ),
+        ));
+    }
+    st.args.template.writer.write(vec![Change::PoolDeleted { pool: name.to_string() }]).await?;
+    st.args.pools.pools.write().remove(name);
+    if let Some(a) = pool.slot().get() {
+        pool.slot().set(None);
+        a.stop(Some("pool deleted".into()));
+    }
+    Ok(())
+}
+
+/// The way in to the supervisor for pool creation and deletion.
+#[derive(Clone)]
+pub struct HiveHandle {
+    slot: Arc<Slot<HiveMsg>>,
+    timeout: Duration,
+}
+
+impl HiveHandle {
+    pub fn new(actor: ActorRef<HiveMsg>, timeout: Duration) -> HiveHandle {
+        let slot = Slot::new("hive supervisor");
+        slot.set(Some(actor));
+        HiveHandle { slot: Arc::new(slot), timeout }
+    }
+
+    pub async fn create_pool(&self, name: &str, size: PoolSize) -> Result<PoolHandle, PoolError> {
+        self.slot.call(|reply| HiveMsg::CreatePool { name: name.to_string(), size, reply }, self.timeout).await?
+    }
+
+    pub async fn delete_pool(&self, name: &str) -> Result<(), PoolError> {
+        self.slot.call(|reply| HiveMsg::DeletePool { name: name.to_string(), reply }, self.timeout).await?
+    }
+
+    pub fn stop(&self) {
+        if let Some(a) = self.slot.get() {
+            a.stop(Some("shutdown".into()));
+        }
+    }
+}

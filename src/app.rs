@@ -1,0 +1,211 @@
+//! `Hive`: the control plane assembled from config: store, group-commit writer, simulated
+//! nodes (if any), the supervised actor tree, and the metrics recorder. `hive up`, `hive serve`
+//! and the tests all start it the same way; the HTTP layer (`http::serve`) only borrows it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use metrics_exporter_prometheus::PrometheusHandle;
+use ractor::Actor;
+use secrecy::SecretString;
+
+use crate::actors::node::{NodeError, NodeRegistryHandle, NodeSpec, NodeView};
+use crate::actors::pool::{PoolError, PoolHandle};
+use crate::actors::supervisor::{HiveHandle, HiveSupervisor, PoolDirectory, PoolTemplate, SupervisorArgs};
+use crate::actors::{Clock, RestartPolicy};
+use crate::config::HiveConfig;
+use crate::domain::NodeId;
+use crate::domain::pool::PoolSize;
+use crate::drivers::VmSpec;
+use crate::drivers::sim::SimHypervisor;
+use crate::store::{self, Change, NodeRecord, StoreError, StoreWriter};
+
+#[derive(Debug, thiserror::Error)]
+pub enum HiveError {
+    #[error("cannot create data directory {0}: {1}")]
+    DataDir(String, std::io::Error),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("actor tree failed to start: {0}")]
+    Start(String),
+}
+
+#[derive(Clone)]
+pub struct Hive {
+    inner: Arc<HiveInner>,
+}
+
+struct HiveInner {
+    config: HiveConfig,
+    admin_token: Option<SecretString>,
+    pools: PoolDirectory,
+    nodes: NodeRegistryHandle,
+    supervisor: HiveHandle,
+    writer: StoreWriter,
+    sims: Vec<(NodeId, Arc<SimHypervisor>)>,
+    metrics: Option<PrometheusHandle>,
+    clock: Clock,
+    stopped: tokio::sync::watch::Receiver<bool>,
+}
+
+impl Hive {
+    /// Open the store, register the simulated nodes, start the actor tree.
+    pub async fn start(config: HiveConfig) -> Result<Hive, HiveError> {
+        std::fs::create_dir_all(&config.data_dir).map_err(|e| HiveError::DataDir(config.data_dir.display().to_string(), e))?;
+        let metrics = crate::metrics::install();
+        let store = store::open(&config.database_url()).await?;
+        let writer = StoreWriter::spawn(store);
+        let timeout = Duration::from_millis(config.call_timeout_ms);
+        let clock = Clock::new();
+
+        let mut sims = Vec::new();
+        let mut node_specs = Vec::new();
+        let sim_dir = config.data_dir.join("sim");
+        if config.sim.nodes > 0 {
+            std::fs::create_dir_all(&sim_dir).map_err(|e| HiveError::DataDir(sim_dir.display().to_string(), e))?;
+        }
+        let mut records = Vec::new();
+        for i in 1..=config.sim.nodes {
+            let id = NodeId::from(i);
+            let name = format!("sim-{i}");
+            let sim = Arc::new(SimHypervisor::new(
+                &name,
+                (i % 250) as u8,
+                config.sim.timings.clone(),
+                Some(sim_dir.join(format!("{name}.json"))),
+            ));
+            let address = format!("127.0.{}.1", i % 250);
+            records.push(Change::Node(NodeRecord {
+                id,
+                name: name.clone(),
+                driver: "sim".into(),
+                cores: config.sim.cores,
+                ram_mb: config.sim.ram_mb,
+                disk_mb: config.sim.disk_mb,
+                address: address.clone(),
+                state: "ready".into(),
+                created_at: clock.now(),
+            }));
+            node_specs.push(NodeSpec {
+                id,
+                name,
+                address,
+                cores: config.sim.cores,
+                ram_mb: config.sim.ram_mb,
+                disk_mb: config.sim.disk_mb,
+                driver: sim.clone(),
+            });
+            sims.push((id, sim));
+        }
+        writer.write(records).await?;
+
+        let restart = RestartPolicy { max: config.supervision.max_restarts, window: Duration::from_secs(config.supervision.window_secs) };
+        let pools = PoolDirectory::default();
+        let nodes = NodeRegistryHandle::new(timeout);
+        let template = PoolTemplate {
+            rules: config.pool_rules(),
+            writer: writer.clone(),
+            vm_spec: VmSpec {
+                name: "vm".into(),
+                template: config.vm.template.clone(),
+                cores: config.vm.cores,
+                ram_mb: config.vm.ram_mb,
+                disk_mb: config.vm.disk_mb,
+            },
+            ping_interval: Duration::from_millis(config.pool.ping_interval_ms),
+            restart,
+            clock,
+            call_timeout: timeout,
+        };
+        let args = SupervisorArgs {
+            pools: pools.clone(),
+            nodes: nodes.clone(),
+            node_specs,
+            template,
+            default_size: config.pool.default_size,
+            health_interval: Duration::from_millis(config.pool.ping_interval_ms),
+        };
+        let (actor, join) = Actor::spawn(None, HiveSupervisor, args).await.map_err(|e| HiveError::Start(e.to_string()))?;
+        let (tx, stopped) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            let _ = join.await;
+            let _ = tx.send(true);
+        });
+        let admin_token = config.admin_token.clone();
+        Ok(Hive {
+            inner: Arc::new(HiveInner {
+                supervisor: HiveHandle::new(actor, timeout),
+                config,
+                admin_token,
+                pools,
+                nodes,
+                writer,
+                sims,
+                metrics,
+                clock,
+                stopped,
+            }),
+        })
+    }
+
+    pub fn config(&self) -> &HiveConfig {
+        &self.inner.config
+    }
+
+    pub fn admin_token(&self) -> Option<&SecretString> {
+        self.inner.admin_token.as_ref()
+    }
+
+    pub fn now(&self) -> crate::domain::Millis {
+        self.inner.clock.now()
+    }
+
+    pub fn pool(&self, name: &str) -> Result<PoolHandle, PoolError> {
+        self.inner.pools.get(name)
+    }
+
+    pub fn pools(&self) -> Vec<PoolHandle> {
+        self.inner.pools.list()
+    }
+
+    pub async fn create_pool(&self, name: &str, size: PoolSize) -> Result<PoolHandle, PoolError> {
+        self.inner.supervisor.create_pool(name, size).await
+    }
+
+    pub async fn delete_pool(&self, name: &str) -> Result<(), PoolError> {
+        self.inner.supervisor.delete_pool(name).await
+    }
+
+    pub async fn nodes(&self) -> Result<Vec<NodeView>, NodeError> {
+        self.inner.nodes.list().await
+    }
+
+    pub async fn node(&self, id: NodeId) -> Result<NodeView, NodeError> {
+        self.inner.nodes.get(id).await
+    }
+
+    /// The simulated hypervisor of node `id` (failure injection in tests and demos).
+    pub fn sim(&self, id: NodeId) -> Option<Arc<SimHypervisor>> {
+        self.inner.sims.iter().find(|(n, _)| *n == id).map(|(_, s)| s.clone())
+    }
+
+    pub fn metrics(&self) -> Option<&PrometheusHandle> {
+        self.inner.metrics.as_ref()
+    }
+
+    /// Is the store reachable?
+    pub async fn ready(&self) -> Result<(), StoreError> {
+        self.inner.writer.store().ping().await
+    }
+
+    /// Resolves when the actor tree has stopped (after `stop`, or because it gave up).
+    pub async fn stopped(&self) {
+        let mut rx = self.inner.stopped.clone();
+        let _ = rx.wait_for(|s| *s).await;
+    }
+
+    pub async fn stop(&self) {
+        self.inner.supervisor.stop();
+        self.stopped().await;
+    }
+}

@@ -1,0 +1,287 @@
+//! Typed, layered configuration: built-in defaults → a TOML file → `HIVE_…` environment
+//! variables (nested keys split on `__`, e.g. `HIVE_POOL__MAX_CAP=50`) → command-line flags.
+//! `validate` reports every bad value at once; the admin token is a secret that never prints.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use figment::Figment;
+use figment::providers::{Format, Serialized, Toml};
+use secrecy::SecretString;
+use serde::{Deserialize, Serialize};
+
+use crate::domain::pool::{PoolRules, PoolSize, Timeouts};
+use crate::drivers::sim::SimTimings;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("configuration: {0}")]
+    Load(String),
+    #[error("configuration has {} problem(s):\n  - {}", .0.len(), .0.join("\n  - "))]
+    Invalid(Vec<String>),
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HiveConfig {
+    /// Address of the HTTP API. Loopback by default: expose it on purpose, not by accident.
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    /// `sqlite://…`; default `sqlite://<data_dir>/hive.db`.
+    pub database_url: Option<String>,
+    /// Bearer token for mutating admin routes. `hive up` generates one when unset.
+    #[serde(serialize_with = "redacted")]
+    pub admin_token: Option<SecretString>,
+    pub pool: PoolConfig,
+    pub vm: VmConfig,
+    pub sim: SimConfig,
+    pub supervision: SupervisionConfig,
+    /// How long an HTTP handler waits for an actor before answering 503.
+    pub call_timeout_ms: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PoolConfig {
+    /// Largest `max` a client may set; larger values are clamped and the clamp reported.
+    pub max_cap: u32,
+    pub timeouts_ms: Timeouts,
+    pub boot_backoff_ms: u64,
+    pub boot_backoff_max_ms: u64,
+    /// How often FREE, READY and OCCUPIED VMs are health-pinged.
+    pub ping_interval_ms: u64,
+    /// Size of the `default` pool when it is first created.
+    pub default_size: PoolSize,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct VmConfig {
+    pub template: String,
+    pub cores: u32,
+    pub ram_mb: u64,
+    pub disk_mb: u64,
+}
+
+/// Simulated nodes (`hive up`). The simulator stands in for real hosts; see `drivers::sim`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SimConfig {
+    pub nodes: u32,
+    pub cores: u32,
+    pub ram_mb: u64,
+    pub disk_mb: u64,
+    pub timings: SimTimings,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SupervisionConfig {
+    /// A child is restarted at most `max_restarts` times within `window_secs`; one more
+    /// failure in that window escalates to its supervisor.
+    pub max_restarts: u32,
+    pub window_secs: u64,
+}
+
+impl Default for HiveConfig {
+    fn default() -> Self {
+        HiveConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            data_dir: PathBuf::from("hive-data"),
+            database_url: None,
+            admin_token: None,
+            pool: PoolConfig::default(),
+            vm: VmConfig::default(),
+            sim: SimConfig::default(),
+            supervision: SupervisionConfig::default(),
+            call_timeout_ms: 5_000,
+        }
+    }
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        let rules = PoolRules::default();
+        PoolConfig {
+            max_cap: rules.max_cap,
+            timeouts_ms: rules.timeouts,
+            boot_backoff_ms: rules.boot_backoff,
+            boot_backoff_max_ms: rules.boot_backoff_max,
+            ping_interval_ms: 5_000,
+            default_size: PoolSize { min: 2, max: 10, linger: 60_000 },
+        }
+    }
+}
+
+impl Default for VmConfig {
+    fn default() -> Self {
+        VmConfig { template: "desktop".into(), cores: 1, ram_mb: 1024, disk_mb: 8192 }
+    }
+}
+
+impl Default for SimConfig {
+    fn default() -> Self {
+        SimConfig { nodes: 3, cores: 8, ram_mb: 16 * 1024, disk_mb: 200 * 1024, timings: SimTimings::default() }
+    }
+}
+
+impl Default for SupervisionConfig {
+    fn default() -> Self {
+        SupervisionConfig { max_restarts: 5, window_secs: 60 }
+    }
+}
+
+fn redacted<S: serde::Serializer>(v: &Option<SecretString>, s: S) -> Result<S::Ok, S::Error> {
+    match v {
+        Some(_) => s.serialize_str("[redacted]"),
+        None => s.serialize_none(),
+    }
+}
+
+impl HiveConfig {
+    /// Defaults, then `file` (if given), then `HIVE_…` variables from `env`.
+    pub fn load(file: Option<&Path>, env: &[(String, String)]) -> Result<HiveConfig, ConfigError> {
+        let mut fig = Figment::from(Serialized::defaults(HiveConfig::default()));
+        if let Some(f) = file {
+            if !f.exists() {
+                return Err(ConfigError::Load(format!("config file {} does not exist", f.display())));
+            }
+            fig = fig.merge(Toml::file(f));
+        }
+        // The environment is passed in (not read here) so tests never set process variables.
+        for (k, v) in env.iter().filter(|(k, _)| k.starts_with("HIVE_") && k != "HIVE_CONFIG") {
+            let key = k["HIVE_".len()..].to_ascii_lowercase().replace("__", ".");
+            fig = fig.merge(Serialized::default(&key, parse_env_value(v)));
+        }
+        let cfg: HiveConfig = fig.extract().map_err(|e| ConfigError::Invalid(e.into_iter().map(|e| e.to_string()).collect()))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Every problem, reported together.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut bad = Vec::new();
+        let p = &self.pool;
+        if p.max_cap == 0 {
+            bad.push("pool.max_cap must be at least 1".to_string());
+        }
+        if p.default_size.min > p.default_size.max {
+            bad.push(format!("pool.default_size.min ({}) is above pool.default_size.max ({})", p.default_size.min, p.default_size.max));
+        }
+        if p.default_size.max > p.max_cap {
+            bad.push(format!("pool.default_size.max ({}) is above pool.max_cap ({})", p.default_size.max, p.max_cap));
+        }
+        if p.ping_interval_ms == 0 {
+            bad.push("pool.ping_interval_ms must be above 0".into());
+        }
+        if p.ping_interval_ms >= p.timeouts_ms.healthy && p.timeouts_ms.healthy > 0 {
+            bad.push(format!(
+                "pool.ping_interval_ms ({}) must be below pool.timeouts_ms.healthy ({}) or healthy VMs time out",
+                p.ping_interval_ms, p.timeouts_ms.healthy
+            ));
+        }
+        if self.vm.cores == 0 || self.vm.ram_mb == 0 {
+            bad.push("vm.cores and vm.ram_mb must be above 0".into());
+        }
+        if !(0.0..=1.0).contains(&self.sim.timings.failure_rate) {
+            bad.push(format!("sim.timings.failure_rate ({}) must be between 0 and 1", self.sim.timings.failure_rate));
+        }
+        if self.sim.nodes > 0 && (self.sim.cores < self.vm.cores || self.sim.ram_mb < self.vm.ram_mb) {
+            bad.push("sim nodes are smaller than one VM (sim.cores/sim.ram_mb below vm.cores/vm.ram_mb)".into());
+        }
+        if self.supervision.max_restarts == 0 || self.supervision.window_secs == 0 {
+            bad.push("supervision.max_restarts and supervision.window_secs must be above 0".into());
+        }
+        if self.call_timeout_ms == 0 {
+            bad.push("call_timeout_ms must be above 0".into());
+        }
+        if let Some(url) = &self.database_url {
+            if !url.starts_with("sqlite:") {
+                bad.push(format!("database_url: unsupported scheme in {:?} (only sqlite: for now)", url.split(':').next().unwrap_or("")));
+            }
+        }
+        if bad.is_empty() { Ok(()) } else { Err(ConfigError::Invalid(bad)) }
+    }
+
+    pub fn database_url(&self) -> String {
+        self.database_url.clone().unwrap_or_else(|| format!("sqlite://{}", self.data_dir.join("hive.db").display()))
+    }
+
+    pub fn pool_rules(&self) -> PoolRules {
+        PoolRules {
+            timeouts: self.pool.timeouts_ms,
+            max_cap: self.pool.max_cap,
+            boot_backoff: self.pool.boot_backoff_ms,
+            boot_backoff_max: self.pool.boot_backoff_max_ms,
+        }
+    }
+}
+
+/// Environment values are strings; numbers and booleans are given their type so that
+/// `HIVE_POOL__MAX_CAP=50` fills a `u32`.
+fn parse_env_value(v: &str) -> figment::value::Value {
+    use figment::value::Value;
+    if let Ok(n) = v.parse::<i64>() {
+        return Value::from(n);
+    }
+    if let Ok(f) = v.parse::<f64>() {
+        return Value::from(f);
+    }
+    match v {
+        "true" => Value::from(true),
+        "false" => Value::from(false),
+        _ => Value::from(v.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use secrecy::ExposeSecret;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn defaults_are_valid_and_bind_to_loopback() {
+        let c = HiveConfig::load(None, &[]).unwrap();
+        assert!(c.listen.ip().is_loopback());
+        assert_eq!(c.database_url(), "sqlite://hive-data/hive.db");
+    }
+
+    #[test]
+    fn file_then_env_layering() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("hive.toml");
+        std::fs::write(&f, "listen = \"127.0.0.1:9000\"\n[pool]\nmax_cap = 40\n[pool.default_size]\nmin = 1\nmax = 4\nlinger = 10\n")
+            .unwrap();
+        let c =
+            HiveConfig::load(Some(&f), &env(&[("HIVE_POOL__MAX_CAP", "50"), ("HIVE_ADMIN_TOKEN", "s3cret"), ("PATH", "/bin")])).unwrap();
+        assert_eq!(c.listen.port(), 9000);
+        assert_eq!(c.pool.max_cap, 50);
+        assert_eq!(c.pool.default_size.max, 4);
+        assert_eq!(c.admin_token.as_ref().unwrap().expose_secret(), "s3cret");
+        let shown = format!("{c:?} {}", serde_json::to_string(&c).unwrap());
+        assert!(!shown.contains("s3cret"), "the token never prints");
+    }
+
+    #[test]
+    fn every_problem_is_reported_together() {
+        let e = HiveConfig::load(None, &env(&[("HIVE_POOL__MAX_CAP", "0"), ("HIVE_VM__CORES", "0"), ("HIVE_DATABASE_URL", "mysql://x")]))
+            .unwrap_err();
+        let msg = e.to_string();
+        assert!(msg.contains("pool.max_cap"), "{msg}");
+        assert!(msg.contains("vm.cores"), "{msg}");
+        assert!(msg.contains("database_url"), "{msg}");
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("hive.toml");
+        std::fs::write(&f, "[pool]\nmax_capp = 4\n").unwrap();
+        let e = HiveConfig::load(Some(&f), &[]).unwrap_err();
+        assert!(e.to_string().contains("max_capp"), "{e}");
+    }
+}

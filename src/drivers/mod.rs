@@ -1,0 +1,86 @@
+//! Hypervisors behind one small trait. The pool never talks to a hypervisor directly: a
+//! `SessionActor` calls these methods from spawned tasks and reports the results back.
+//!
+//! Drivers: `sim` (in-process simulator for `hive up`, tests at scale and benchmarks; it is a
+//! simulator and says so in every name it hands out). libvirt and others come later behind the
+//! same trait.
+
+pub mod sim;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+/// Name of the snapshot taken right after a VM first boots; clean-up reverts to it.
+pub const CLEAN_SNAPSHOT: &str = "clean";
+
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum DriverError {
+    #[error("no domain {0}")]
+    NotFound(String),
+    #[error("{0} is not supported by this driver")]
+    Unsupported(&'static str),
+    #[error("the guest has not checked in yet")]
+    NotReady,
+    #[error("hypervisor operation failed: {0}")]
+    Failed(String),
+}
+
+/// What to create: a linked clone of `template` with these resources.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmSpec {
+    pub name: String,
+    pub template: String,
+    pub cores: u32,
+    pub ram_mb: u64,
+    pub disk_mb: u64,
+}
+
+/// Where a VNC client connects, and with which password.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Console {
+    pub host: String,
+    pub port: u16,
+    pub password: String,
+}
+
+/// What a health ping learns from a guest that answered.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestStatus {
+    pub ip: String,
+}
+
+/// Guest-level preparation for a batch (vmcloud: open the browser at the home page).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PrepareSpec {
+    pub home_page: String,
+    pub profile_name: String,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmStats {
+    pub cpu_time_ns: u64,
+    pub memory_kb: u64,
+}
+
+#[async_trait]
+pub trait Hypervisor: Send + Sync + 'static {
+    /// Short driver name for logs and metric labels ("sim", "libvirt").
+    fn kind(&self) -> &'static str;
+    /// Define a VM as a linked clone of its template; returns the driver's domain name.
+    async fn create(&self, spec: &VmSpec) -> Result<String, DriverError>;
+    async fn start(&self, domain: &str) -> Result<(), DriverError>;
+    async fn stop(&self, domain: &str) -> Result<(), DriverError>;
+    async fn suspend(&self, domain: &str) -> Result<(), DriverError>;
+    async fn resume(&self, domain: &str) -> Result<(), DriverError>;
+    async fn snapshot(&self, domain: &str, name: &str) -> Result<(), DriverError>;
+    async fn revert(&self, domain: &str, name: &str) -> Result<(), DriverError>;
+    /// Stop the VM if running and remove it and its disk. Destroying a missing domain is Ok.
+    async fn destroy(&self, domain: &str) -> Result<(), DriverError>;
+    async fn console(&self, domain: &str) -> Result<Console, DriverError>;
+    /// Health check of a running guest. `NotReady` while it boots.
+    async fn ping(&self, domain: &str) -> Result<GuestStatus, DriverError>;
+    async fn prepare(&self, domain: &str, spec: &PrepareSpec) -> Result<(), DriverError>;
+    async fn stats(&self, domain: &str) -> Result<VmStats, DriverError>;
+    /// Names of the domains this hypervisor holds (for reconciliation after a restart).
+    async fn list(&self) -> Result<Vec<String>, DriverError>;
+}

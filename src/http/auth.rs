@@ -1,0 +1,30 @@
+//! The admin bearer token check. The token is compared in constant time and never logged.
+
+use secrecy::ExposeSecret;
+
+use super::error::ApiError;
+use crate::app::Hive;
+
+/// Ok if `header` is `Bearer <admin token>`. With no token configured, admin routes are closed.
+pub fn require_admin(hive: &Hive, header: Option<&str>) -> Result<(), ApiError> {
+    let Some(token) = hive.admin_token() else { return Err(ApiError::Unauthorized) };
+    let given = header.and_then(|h| h.strip_prefix("Bearer ")).unwrap_or("");
+    if constant_time_eq(given.as_bytes(), token.expose_secret().as_bytes()) { Ok(()) } else { Err(ApiError::Unauthorized) }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn constant_time_eq_compares_exactly() {
+        assert!(super::constant_time_eq(b"abc", b"abc"));
+        assert!(!super::constant_time_eq(b"abc", b"abd"));
+        assert!(!super::constant_time_eq(b"abc", b"abcd"));
+    }
+}

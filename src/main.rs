@@ -1,0 +1,166 @@
+//! The `hive` binary: command-line parsing, config, tracing and the run loop. Nothing else.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use guaca_hive::app::Hive;
+use guaca_hive::config::HiveConfig;
+use secrecy::{ExposeSecret, SecretString};
+
+#[derive(Parser)]
+#[command(name = "hive", version, about = "guaca-hive: warm pools of virtual desktops and VMs")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Everything on one machine: control plane, SQLite store, simulated nodes.
+    Up(UpArgs),
+    /// The control plane alone (nodes join it; no simulated nodes).
+    Serve(ServeArgs),
+}
+
+#[derive(Args)]
+struct Common {
+    /// TOML config file (defaults → file → HIVE_… environment → these flags).
+    #[arg(long, env = "HIVE_CONFIG")]
+    config: Option<PathBuf>,
+    /// Address for the HTTP API (default 127.0.0.1:8080; port 0 picks a free one).
+    #[arg(long)]
+    listen: Option<std::net::SocketAddr>,
+    /// Where the store and the node state live (default ./hive-data).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct UpArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Number of simulated nodes (default 3, each 8 cores and 16 GiB).
+    #[arg(long)]
+    sim_nodes: Option<u32>,
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    common: Common,
+}
+
+fn load(common: &Common) -> anyhow::Result<HiveConfig> {
+    let env: Vec<(String, String)> = std::env::vars().collect();
+    let mut cfg = HiveConfig::load(common.config.as_deref(), &env)?;
+    if let Some(l) = common.listen {
+        cfg.listen = l;
+    }
+    if let Some(d) = &common.data_dir {
+        cfg.data_dir = d.clone();
+    }
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+/// The admin token of `hive up`: the configured one, else the one saved in the data
+/// directory, else a new random one saved there (mode 0600).
+fn admin_token(data_dir: &Path) -> anyhow::Result<SecretString> {
+    let path = data_dir.join("admin-token");
+    if let Ok(t) = std::fs::read_to_string(&path) {
+        if !t.trim().is_empty() {
+            return Ok(SecretString::from(t.trim().to_string()));
+        }
+    }
+    use rand::Rng;
+    let token: String = rand::rng().sample_iter(rand::distr::Alphanumeric).take(40).map(char::from).collect();
+    std::fs::create_dir_all(data_dir)?;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+    std::io::Write::write_all(&mut opts.open(&path).with_context(|| format!("writing {}", path.display()))?, token.as_bytes())?;
+    Ok(SecretString::from(token))
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,sqlx=warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let (cfg, up) = match cli.cmd {
+        Cmd::Up(a) => {
+            let mut cfg = load(&a.common)?;
+            if let Some(n) = a.sim_nodes {
+                cfg.sim.nodes = n;
+            }
+            if cfg.admin_token.is_none() {
+                cfg.admin_token = Some(admin_token(&cfg.data_dir)?);
+            }
+            (cfg, true)
+        }
+        Cmd::Serve(a) => {
+            let mut cfg = load(&a.common)?;
+            cfg.sim.nodes = 0;
+            if cfg.admin_token.is_none() {
+                tracing::warn!("no admin_token configured: admin routes will answer 401");
+            }
+            (cfg, false)
+        }
+    };
+    run(cfg, up).await
+}
+
+async fn run(cfg: HiveConfig, up: bool) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(cfg.listen).await.with_context(|| format!("binding {}", cfg.listen))?;
+    let addr = listener.local_addr()?;
+    let hive = Hive::start(cfg).await?;
+    let base = format!("http://{addr}");
+    if up {
+        println!("guaca-hive is up with {} simulated node(s) (a simulator, not real VMs).", hive.config().sim.nodes);
+        println!("  monitor (browser):  {base}/");
+        println!("  vmcloud API:        curl -X POST {base}/prepare-batch/1/https%3A%2F%2Fexample.org");
+        println!("  JSON API:           curl {base}/api/v1/pools");
+        if let Some(t) = hive.admin_token() {
+            println!("  admin token:        {}  (saved in {})", t.expose_secret(), hive.config().data_dir.join("admin-token").display());
+        }
+    }
+    println!("listening on {base}");
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(guaca_hive::http::serve(hive.clone(), listener, async move {
+        let _ = stop_rx.await;
+    }));
+    let failed = tokio::select! {
+        _ = shutdown_signal() => false,
+        _ = hive.stopped() => true,
+    };
+    tracing::info!("shutting down");
+    let _ = stop_tx.send(());
+    // Open keep-alive or SSE connections would hold the server; give them a moment.
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), server).await;
+    hive.stop().await;
+    if failed {
+        anyhow::bail!("the actor tree stopped after repeated failures; see the log above");
+    }
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => return ctrl_c.await.unwrap_or(()),
+        };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    ctrl_c.await.unwrap_or(());
+}

@@ -1,0 +1,97 @@
+//! Every metric the hive exports, declared in one place with its help text. Names start with
+//! `hive_`; labels come from small fixed sets (pool name, VM state, node state, actor kind,
+//! route template, status class), never from ids.
+
+use std::sync::OnceLock;
+
+use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+use crate::domain::vm::VmState;
+
+static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+
+/// Install the process-wide recorder once; later calls return the same handle. `None` if
+/// another recorder was installed first (then the hive still runs, without `/metrics` data).
+pub fn install() -> Option<PrometheusHandle> {
+    HANDLE
+        .get_or_init(|| {
+            let latency = [0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+            let h = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &latency)
+                .ok()?
+                .install_recorder()
+                .ok()?;
+            describe();
+            Some(h)
+        })
+        .clone()
+}
+
+fn describe() {
+    describe_gauge!("hive_vms", "VMs in a pool, by vmcloud state");
+    describe_counter!("hive_locks_total", "Locks taken (handles created)");
+    describe_counter!("hive_releases_total", "Handles released by a client");
+    describe_histogram!("hive_lock_to_assigned_seconds", "Time from a lock to the handle's assignment to a VM");
+    describe_counter!("hive_rule_passes_total", "Evaluations of the pool rules");
+    describe_counter!("hive_actor_restarts_total", "Supervised actors restarted after a failure, by actor kind");
+    describe_gauge!("hive_nodes", "Nodes, by state");
+    describe_counter!("hive_http_requests_total", "HTTP requests, by route template and status class");
+    describe_histogram!("hive_http_request_seconds", "HTTP request duration, by route template");
+    describe_counter!("hive_store_commits_total", "Group commits to the store, by outcome");
+    describe_histogram!("hive_store_commit_seconds", "Duration of one group commit");
+    describe_histogram!("hive_store_commit_changes", "Row changes per group commit");
+}
+
+pub fn vms(pool: &str, states: impl Iterator<Item = VmState>) {
+    let mut counts = [0u32; 8];
+    for s in states {
+        counts[s.code() as usize] += 1;
+    }
+    for s in VmState::ALL {
+        gauge!("hive_vms", "pool" => pool.to_string(), "state" => s.name()).set(counts[s.code() as usize] as f64);
+    }
+}
+
+pub fn lock(pool: &str) {
+    counter!("hive_locks_total", "pool" => pool.to_string()).increment(1);
+}
+
+pub fn release(pool: &str) {
+    counter!("hive_releases_total", "pool" => pool.to_string()).increment(1);
+}
+
+pub fn lock_to_assigned(pool: &str, ms: u64) {
+    histogram!("hive_lock_to_assigned_seconds", "pool" => pool.to_string()).record(ms as f64 / 1000.0);
+}
+
+/// `total` is the pool's running count; the counter is moved up to it.
+pub fn rule_passes(pool: &str, total: u64) {
+    counter!("hive_rule_passes_total", "pool" => pool.to_string()).absolute(total);
+}
+
+pub fn actor_restart(kind: &'static str) {
+    counter!("hive_actor_restarts_total", "actor" => kind).increment(1);
+}
+
+pub fn nodes(ready: usize, suspect: usize) {
+    gauge!("hive_nodes", "state" => "ready").set(ready as f64);
+    gauge!("hive_nodes", "state" => "suspect").set(suspect as f64);
+}
+
+pub fn http(route: &'static str, status: u16, secs: f64) {
+    let class = match status {
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    };
+    counter!("hive_http_requests_total", "route" => route, "status" => class).increment(1);
+    histogram!("hive_http_request_seconds", "route" => route).record(secs);
+}
+
+pub fn store_commit(ok: bool, changes: usize, secs: f64) {
+    counter!("hive_store_commits_total", "outcome" => if ok { "ok" } else { "error" }).increment(1);
+    histogram!("hive_store_commit_seconds").record(secs);
+    histogram!("hive_store_commit_changes").record(changes as f64);
+}

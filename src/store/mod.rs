@@ -1,0 +1,175 @@
+//! Durable state: the `Store` trait, the rows it holds and `open`, which picks the
+//! implementation by URL scheme (`sqlite://…` today; Postgres later).
+//!
+//! Writes are expressed as `Change`s, row-level upserts and deletes; a slice of them is applied in
+//! one transaction, in order, all or nothing. `StoreWriter` (writer.rs) batches many callers'
+//! changes into one transaction so that durability before answering costs one commit per group,
+//! not one per request. All SQL of the crate lives under this module.
+
+pub mod sqlite;
+pub mod writer;
+
+#[cfg(test)]
+mod tests;
+
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::domain::pool::{Batch, Handle, PendingLock, PoolSize, PoolSnapshot};
+use crate::domain::vm::Vm;
+
+pub use sqlite::SqliteStore;
+pub use writer::StoreWriter;
+
+/// Errors carry strings only, so one failed group commit can be reported to every caller in it.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
+    #[error("store: {0}")]
+    Query(String),
+    #[error("bad database url: {0}")]
+    BadUrl(String),
+    #[error("migration failed: {0}")]
+    Migrate(String),
+    #[error("store writer has stopped")]
+    WriterGone,
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> Self {
+        use sqlx::Error as E;
+        match &e {
+            E::Io(_) | E::Tls(_) | E::PoolTimedOut | E::PoolClosed | E::WorkerCrashed => StoreError::Unavailable(e.to_string()),
+            E::Database(db) if db.code().is_some_and(|c| is_unavailable_code(&c)) => StoreError::Unavailable(e.to_string()),
+            E::Configuration(_) => StoreError::BadUrl(e.to_string()),
+            E::Migrate(m) => StoreError::Migrate(m.to_string()),
+            _ => StoreError::Query(e.to_string()),
+        }
+    }
+}
+
+impl From<sqlx::migrate::MigrateError> for StoreError {
+    fn from(e: sqlx::migrate::MigrateError) -> Self {
+        StoreError::Migrate(e.to_string())
+    }
+}
+
+/// SQLite result codes (primary part of the extended code) that mean "the database cannot be
+/// reached or written right now" rather than "this statement is wrong": BUSY, LOCKED, IOERR,
+/// FULL, CANTOPEN.
+fn is_unavailable_code(code: &str) -> bool {
+    code.parse::<i64>().is_ok_and(|c| matches!(c & 0xff, 5 | 6 | 10 | 13 | 14))
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredPool {
+    pub name: String,
+    pub snapshot: PoolSnapshot,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    pub id: u64,
+    pub name: String,
+    pub driver: String,
+    pub cores: u32,
+    pub ram_mb: u64,
+    pub disk_mb: u64,
+    pub address: String,
+    pub state: String,
+    pub created_at: u64,
+}
+
+/// One row-level change. A `Vec<Change>` is applied in ONE transaction, in order.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Change {
+    /// Upsert the pool row: size, id counters, preparation queue and pending locks.
+    Pool {
+        pool: String,
+        size: PoolSize,
+        next_vm: u64,
+        next_batch: u64,
+        next_handle: u64,
+        preps: Vec<u64>,
+        pending: Vec<PendingLock>,
+    },
+    /// Delete the pool and every vm/batch/handle row of it.
+    PoolDeleted {
+        pool: String,
+    },
+    Vm {
+        pool: String,
+        vm: Vm,
+    },
+    VmDeleted {
+        pool: String,
+        id: u64,
+    },
+    Batch {
+        pool: String,
+        batch: Batch,
+    },
+    BatchDeleted {
+        pool: String,
+        id: u64,
+    },
+    Handle {
+        pool: String,
+        handle: Handle,
+    },
+    HandleDeleted {
+        pool: String,
+        id: u64,
+    },
+    Node(NodeRecord),
+    NodeDeleted {
+        id: u64,
+    },
+}
+
+impl Change {
+    /// Every change that writes `snap` in full as pool `pool` (rows not in `snap` are left alone).
+    pub fn snapshot(pool: &str, snap: &PoolSnapshot) -> Vec<Change> {
+        let mut out = Vec::with_capacity(1 + snap.vms.len() + snap.batches.len() + snap.handles.len());
+        out.push(Change::Pool {
+            pool: pool.to_string(),
+            size: snap.size,
+            next_vm: snap.next_vm,
+            next_batch: snap.next_batch,
+            next_handle: snap.next_handle,
+            preps: snap.preps.clone(),
+            pending: snap.pending.clone(),
+        });
+        let p = || pool.to_string();
+        out.extend(snap.vms.iter().map(|vm| Change::Vm { pool: p(), vm: vm.clone() }));
+        out.extend(snap.batches.iter().map(|b| Change::Batch { pool: p(), batch: b.clone() }));
+        out.extend(snap.handles.iter().map(|h| Change::Handle { pool: p(), handle: h.clone() }));
+        out
+    }
+}
+
+#[async_trait::async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Every pool with all its rows, pools ordered by name, rows by id; preps/pending in stored order.
+    async fn load_pools(&self) -> Result<Vec<StoredPool>, StoreError>;
+    async fn load_nodes(&self) -> Result<Vec<NodeRecord>, StoreError>;
+    /// Apply all changes in one transaction (all or nothing).
+    async fn apply(&self, changes: &[Change]) -> Result<(), StoreError>;
+    /// A cheap round trip, for /readyz.
+    async fn ping(&self) -> Result<(), StoreError>;
+    fn kind(&self) -> &'static str;
+}
+
+/// Choose the implementation by URL scheme: `sqlite://path/to/file.db` (created if missing).
+/// Runs migrations. Any other scheme is `StoreError::BadUrl` naming the scheme.
+pub async fn open(url: &str) -> Result<Arc<dyn Store>, StoreError> {
+    let Some((scheme, _)) = url.split_once(':') else {
+        return Err(StoreError::BadUrl(format!("`{url}` has no scheme; expected sqlite://path/to/file.db")));
+    };
+    match scheme {
+        "sqlite" => Ok(Arc::new(SqliteStore::open(url).await?)),
+        other => Err(StoreError::BadUrl(format!("unsupported scheme `{other}`; only sqlite:// is supported"))),
+    }
+}

@@ -1,0 +1,349 @@
+//! The SQLite store: one database file in WAL mode with `synchronous=FULL`, so a committed
+//! transaction has been fsynced and survives a crash or power loss.
+//!
+//! `apply` runs every change of a call inside one `BEGIN IMMEDIATE` transaction (all or
+//! nothing); foreign keys are on, so a row for an unknown pool fails the whole call. `load_pools`
+//! reads inside one transaction, so it sees a single consistent snapshot. u64 values are stored
+//! as INTEGER (i64, bit for bit). Schema: `migrations/sqlite/`, applied by `open`.
+
+use std::collections::BTreeMap;
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use sqlx::Row;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
+};
+
+use super::{Change, NodeRecord, Store, StoreError, StoredPool};
+use crate::domain::pool::{Batch, Handle, PoolSize, PoolSnapshot};
+use crate::domain::vm::{Placement, Vm, VmAddress, VmState};
+
+const MAX_CONNECTIONS: u32 = 4;
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+pub struct SqliteStore {
+    pool: SqlitePool,
+}
+
+impl SqliteStore {
+    /// Open (creating the file if missing, but not its directory) and migrate.
+    pub async fn open(url: &str) -> Result<SqliteStore, StoreError> {
+        check_on_disk(url)?;
+        let opts = SqliteConnectOptions::from_str(url)
+            .map_err(|e| StoreError::BadUrl(format!("{url}: {e}")))?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .busy_timeout(BUSY_TIMEOUT)
+            .foreign_keys(true);
+        let file = opts.get_filename().to_path_buf();
+        if let Some(dir) = file.parent().filter(|d| !d.as_os_str().is_empty()) {
+            if !dir.is_dir() {
+                return Err(StoreError::Unavailable(format!(
+                    "cannot open sqlite database {}: directory {} does not exist",
+                    file.display(),
+                    dir.display()
+                )));
+            }
+        }
+        let pool =
+            SqlitePoolOptions::new().max_connections(MAX_CONNECTIONS).connect_with(opts).await.map_err(|e| match StoreError::from(e) {
+                StoreError::Unavailable(m) => StoreError::Unavailable(format!("cannot open sqlite database {}: {m}", file.display())),
+                other => other,
+            })?;
+        sqlx::migrate!("./migrations/sqlite").run(&pool).await?;
+        tracing::debug!(path = %file.display(), "sqlite store open");
+        Ok(SqliteStore { pool })
+    }
+
+    /// Wait for every connection to close (checkpointing the WAL). Later calls fail.
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+/// In-memory SQLite vanishes when the pool's last connection closes, and a temporary file
+/// (empty name) is private to one connection: either would lose acknowledged writes.
+fn check_on_disk(url: &str) -> Result<(), StoreError> {
+    let rest = url.trim_start_matches("sqlite://").trim_start_matches("sqlite:");
+    let (db, params) = rest.split_once('?').unwrap_or((rest, ""));
+    if db.is_empty() || db == ":memory:" || params.split('&').any(|p| p == "mode=memory") {
+        return Err(StoreError::BadUrl(format!("{url}: the store needs a database file, e.g. sqlite://hive.db")));
+    }
+    Ok(())
+}
+
+#[async_trait::async_trait]
+impl Store for SqliteStore {
+    async fn load_pools(&self) -> Result<Vec<StoredPool>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let mut pools = BTreeMap::new();
+        for row in sqlx::query("SELECT * FROM pools ORDER BY name").fetch_all(&mut *tx).await? {
+            let name: String = row.try_get("name")?;
+            pools.insert(name, pool_from_row(&row)?);
+        }
+        for row in sqlx::query("SELECT * FROM vms ORDER BY pool, id").fetch_all(&mut *tx).await? {
+            if let Some(snap) = pools.get_mut(&row.try_get::<String, _>("pool")?) {
+                snap.vms.push(vm_from_row(&row)?);
+            }
+        }
+        for row in sqlx::query("SELECT * FROM batches ORDER BY pool, id").fetch_all(&mut *tx).await? {
+            if let Some(snap) = pools.get_mut(&row.try_get::<String, _>("pool")?) {
+                snap.batches.push(batch_from_row(&row)?);
+            }
+        }
+        for row in sqlx::query("SELECT * FROM handles ORDER BY pool, id").fetch_all(&mut *tx).await? {
+            if let Some(snap) = pools.get_mut(&row.try_get::<String, _>("pool")?) {
+                snap.handles.push(handle_from_row(&row)?);
+            }
+        }
+        tx.commit().await?;
+        Ok(pools
+            .into_iter()
+            .map(|(name, mut snapshot)| {
+                // Ids are u64 stored as i64; sort as u64 so ids past i64::MAX keep their order.
+                snapshot.vms.sort_by_key(|v| v.id);
+                snapshot.batches.sort_by_key(|b| b.id);
+                snapshot.handles.sort_by_key(|h| h.id);
+                StoredPool { name, snapshot }
+            })
+            .collect())
+    }
+
+    async fn load_nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
+        let rows = sqlx::query("SELECT * FROM nodes ORDER BY id").fetch_all(&self.pool).await?;
+        let mut nodes = rows.iter().map(node_from_row).collect::<Result<Vec<_>, _>>()?;
+        nodes.sort_by_key(|n| n.id);
+        Ok(nodes)
+    }
+
+    async fn apply(&self, changes: &[Change]) -> Result<(), StoreError> {
+        if changes.is_empty() {
+            return Ok(());
+        }
+        // IMMEDIATE takes the write lock up front (waiting up to busy_timeout) instead of
+        // failing with SQLITE_BUSY when a read transaction has to be upgraded.
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        for change in changes {
+            apply_one(&mut tx, change).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    fn kind(&self) -> &'static str {
+        "sqlite"
+    }
+}
+
+async fn apply_one(conn: &mut SqliteConnection, change: &Change) -> Result<(), StoreError> {
+    let query = match change {
+        Change::Pool { pool, size, next_vm, next_batch, next_handle, preps, pending } => sqlx::query(
+            "INSERT INTO pools (name, min, max, linger, next_vm, next_batch, next_handle, preps, pending)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+             ON CONFLICT(name) DO UPDATE SET min = excluded.min, max = excluded.max,
+               linger = excluded.linger, next_vm = excluded.next_vm, next_batch = excluded.next_batch,
+               next_handle = excluded.next_handle, preps = excluded.preps, pending = excluded.pending",
+        )
+        .bind(pool)
+        .bind(i64::from(size.min))
+        .bind(i64::from(size.max))
+        .bind(int(size.linger))
+        .bind(int(*next_vm))
+        .bind(int(*next_batch))
+        .bind(int(*next_handle))
+        .bind(json(preps)?)
+        .bind(json(pending)?),
+        Change::PoolDeleted { pool } => {
+            // The schema cascades; deleting children explicitly keeps this correct even on a
+            // connection opened without foreign keys.
+            for table in ["vms", "batches", "handles"] {
+                sqlx::query(&format!("DELETE FROM {table} WHERE pool = ?")).bind(pool).execute(&mut *conn).await?;
+            }
+            sqlx::query("DELETE FROM pools WHERE name = ?").bind(pool)
+        }
+        Change::Vm { pool, vm } => sqlx::query(
+            "INSERT INTO vms (pool, id, state, since, contact, batch_id, node_id, domain,
+               ip, public_ip, vnc_port, vnc_passwd, op)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+             ON CONFLICT(pool, id) DO UPDATE SET state = excluded.state, since = excluded.since,
+               contact = excluded.contact, batch_id = excluded.batch_id, node_id = excluded.node_id,
+               domain = excluded.domain, ip = excluded.ip, public_ip = excluded.public_ip,
+               vnc_port = excluded.vnc_port, vnc_passwd = excluded.vnc_passwd, op = excluded.op",
+        )
+        .bind(pool)
+        .bind(int(vm.id))
+        .bind(i64::from(vm.state.code()))
+        .bind(int(vm.since))
+        .bind(int(vm.contact))
+        .bind(vm.batch.map(int))
+        .bind(vm.placement.as_ref().map(|p| int(p.node)))
+        .bind(vm.placement.as_ref().map(|p| p.domain.as_str()))
+        .bind(vm.address.ip.as_str())
+        .bind(vm.address.public_ip.as_str())
+        .bind(i64::from(vm.address.vnc_port))
+        .bind(vm.address.vnc_passwd.as_str())
+        .bind(int(vm.op)),
+        Change::VmDeleted { pool, id } => sqlx::query("DELETE FROM vms WHERE pool = ? AND id = ?").bind(pool).bind(int(*id)),
+        Change::Batch { pool, batch } => sqlx::query(
+            "INSERT INTO batches (pool, id, size, profile_name, home_page, vms, mark_delete)
+             VALUES (?, ?, ?, ?, ?, ?, ?)
+             ON CONFLICT(pool, id) DO UPDATE SET size = excluded.size,
+               profile_name = excluded.profile_name, home_page = excluded.home_page,
+               vms = excluded.vms, mark_delete = excluded.mark_delete",
+        )
+        .bind(pool)
+        .bind(int(batch.id))
+        .bind(i64::from(batch.size))
+        .bind(batch.profile_name.as_str())
+        .bind(batch.home_page.as_str())
+        .bind(json(&batch.vms)?)
+        .bind(batch.mark_delete),
+        Change::BatchDeleted { pool, id } => sqlx::query("DELETE FROM batches WHERE pool = ? AND id = ?").bind(pool).bind(int(*id)),
+        Change::Handle { pool, handle } => sqlx::query(
+            "INSERT INTO handles (pool, id, batch_id, vm_id, expires_at, created_at)
+             VALUES (?, ?, ?, ?, ?, ?)
+             ON CONFLICT(pool, id) DO UPDATE SET batch_id = excluded.batch_id,
+               vm_id = excluded.vm_id, expires_at = excluded.expires_at,
+               created_at = excluded.created_at",
+        )
+        .bind(pool)
+        .bind(int(handle.id))
+        .bind(int(handle.batch))
+        .bind(handle.vm.map(int))
+        .bind(handle.expires_at.map(int))
+        .bind(int(handle.created_at)),
+        Change::HandleDeleted { pool, id } => sqlx::query("DELETE FROM handles WHERE pool = ? AND id = ?").bind(pool).bind(int(*id)),
+        Change::Node(n) => sqlx::query(
+            "INSERT INTO nodes (id, name, driver, cores, ram_mb, disk_mb, address, state, created_at)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+             ON CONFLICT(id) DO UPDATE SET name = excluded.name, driver = excluded.driver,
+               cores = excluded.cores, ram_mb = excluded.ram_mb, disk_mb = excluded.disk_mb,
+               address = excluded.address, state = excluded.state, created_at = excluded.created_at",
+        )
+        .bind(int(n.id))
+        .bind(n.name.as_str())
+        .bind(n.driver.as_str())
+        .bind(i64::from(n.cores))
+        .bind(int(n.ram_mb))
+        .bind(int(n.disk_mb))
+        .bind(n.address.as_str())
+        .bind(n.state.as_str())
+        .bind(int(n.created_at)),
+        Change::NodeDeleted { id } => sqlx::query("DELETE FROM nodes WHERE id = ?").bind(int(*id)),
+    };
+    query.execute(&mut *conn).await?;
+    Ok(())
+}
+
+// ---- encoding ------------------------------------------------------------------------------
+
+/// u64 → INTEGER, bit for bit; `uint` is the inverse.
+fn int(v: u64) -> i64 {
+    v as i64
+}
+
+fn uint(v: i64) -> u64 {
+    v as u64
+}
+
+fn json<T: Serialize + ?Sized>(v: &T) -> Result<String, StoreError> {
+    serde_json::to_string(v).map_err(|e| StoreError::Query(format!("encoding json: {e}")))
+}
+
+fn get_u64(row: &SqliteRow, col: &str) -> Result<u64, StoreError> {
+    Ok(uint(row.try_get::<i64, _>(col)?))
+}
+
+fn get_opt_u64(row: &SqliteRow, col: &str) -> Result<Option<u64>, StoreError> {
+    Ok(row.try_get::<Option<i64>, _>(col)?.map(uint))
+}
+
+fn get_small<T: TryFrom<i64>>(row: &SqliteRow, col: &str) -> Result<T, StoreError> {
+    let v: i64 = row.try_get(col)?;
+    T::try_from(v).map_err(|_| StoreError::Query(format!("column {col}: {v} is out of range")))
+}
+
+fn get_json<T: DeserializeOwned>(row: &SqliteRow, col: &str) -> Result<T, StoreError> {
+    let text: String = row.try_get(col)?;
+    serde_json::from_str(&text).map_err(|e| StoreError::Query(format!("column {col}: bad json: {e}")))
+}
+
+fn pool_from_row(row: &SqliteRow) -> Result<PoolSnapshot, StoreError> {
+    Ok(PoolSnapshot {
+        size: PoolSize { min: get_small(row, "min")?, max: get_small(row, "max")?, linger: get_u64(row, "linger")? },
+        next_vm: get_u64(row, "next_vm")?,
+        next_batch: get_u64(row, "next_batch")?,
+        next_handle: get_u64(row, "next_handle")?,
+        preps: get_json(row, "preps")?,
+        pending: get_json(row, "pending")?,
+        vms: Vec::new(),
+        batches: Vec::new(),
+        handles: Vec::new(),
+    })
+}
+
+fn vm_from_row(row: &SqliteRow) -> Result<Vm, StoreError> {
+    let code: u8 = get_small(row, "state")?;
+    let state = VmState::from_code(code).ok_or_else(|| StoreError::Query(format!("unknown vm state {code}")))?;
+    let node = get_opt_u64(row, "node_id")?;
+    let domain: Option<String> = row.try_get("domain")?;
+    Ok(Vm {
+        id: get_u64(row, "id")?,
+        state,
+        since: get_u64(row, "since")?,
+        contact: get_u64(row, "contact")?,
+        batch: get_opt_u64(row, "batch_id")?,
+        placement: node.zip(domain).map(|(node, domain)| Placement { node, domain }),
+        address: VmAddress {
+            ip: row.try_get("ip")?,
+            public_ip: row.try_get("public_ip")?,
+            vnc_port: get_small(row, "vnc_port")?,
+            vnc_passwd: row.try_get("vnc_passwd")?,
+        },
+        op: get_u64(row, "op")?,
+    })
+}
+
+fn batch_from_row(row: &SqliteRow) -> Result<Batch, StoreError> {
+    Ok(Batch {
+        id: get_u64(row, "id")?,
+        size: get_small(row, "size")?,
+        profile_name: row.try_get("profile_name")?,
+        home_page: row.try_get("home_page")?,
+        vms: get_json(row, "vms")?,
+        mark_delete: row.try_get("mark_delete")?,
+    })
+}
+
+fn handle_from_row(row: &SqliteRow) -> Result<Handle, StoreError> {
+    Ok(Handle {
+        id: get_u64(row, "id")?,
+        batch: get_u64(row, "batch_id")?,
+        vm: get_opt_u64(row, "vm_id")?,
+        expires_at: get_opt_u64(row, "expires_at")?,
+        created_at: get_u64(row, "created_at")?,
+    })
+}
+
+fn node_from_row(row: &SqliteRow) -> Result<NodeRecord, StoreError> {
+    Ok(NodeRecord {
+        id: get_u64(row, "id")?,
+        name: row.try_get("name")?,
+        driver: row.try_get("driver")?,
+        cores: get_small(row, "cores")?,
+        ram_mb: get_u64(row, "ram_mb")?,
+        disk_mb: get_u64(row, "disk_mb")?,
+        address: row.try_get("address")?,
+        state: row.try_get("state")?,
+        created_at: get_u64(row, "created_at")?,
+    })
+}

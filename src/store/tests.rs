@@ -1,0 +1,214 @@
+//! Store behaviour through the public interface (`open` + `Store`), on real SQLite files in a
+//! temporary directory.
+
+use std::sync::Arc;
+
+use tempfile::TempDir;
+
+use super::*;
+use crate::domain::pool::{Batch, Handle, PendingLock, PoolSize, PoolSnapshot};
+use crate::domain::vm::{Placement, Vm, VmAddress, VmState};
+
+async fn temp_store() -> (TempDir, String, Arc<dyn Store>) {
+    let dir = TempDir::new().expect("tempdir");
+    let url = format!("sqlite://{}", dir.path().join("hive.db").display());
+    let store = open(&url).await.expect("open");
+    (dir, url, store)
+}
+
+fn vm(id: u64, state: VmState, batch: Option<u64>) -> Vm {
+    let placed = state != VmState::Creating;
+    Vm {
+        id,
+        state,
+        since: 1_000 + id,
+        contact: 2_000 + id,
+        batch,
+        placement: placed.then(|| Placement { node: id % 3 + 1, domain: format!("hive-vm-{id}") }),
+        address: if state.is_stable() || state == VmState::Wait {
+            VmAddress {
+                ip: format!("10.0.0.{id}"),
+                public_ip: format!("203.0.113.{id}"),
+                vnc_port: 5900 + id as u16,
+                vnc_passwd: format!("pw{id}"),
+            }
+        } else {
+            VmAddress::default()
+        },
+        op: id * 10,
+    }
+}
+
+/// A pool with a VM in every state, a batch being prepared, a cancelled batch, two pending
+/// locks and two assigned handles (one with an expiry).
+fn sample() -> PoolSnapshot {
+    let mut vms: Vec<Vm> = VmState::ALL.iter().enumerate().map(|(i, s)| vm(i as u64 + 1, *s, None)).collect();
+    vms[2].batch = Some(1); // WAIT, being prepared
+    vms[4].batch = Some(1); // READY
+    PoolSnapshot {
+        size: PoolSize { min: 2, max: 10, linger: 60_000 },
+        next_vm: 9,
+        next_batch: 3,
+        next_handle: 5,
+        preps: vec![1],
+        pending: vec![PendingLock { batch: 1, handle: 3 }, PendingLock { batch: 1, handle: 4 }],
+        vms,
+        batches: vec![
+            Batch {
+                id: 1,
+                size: 2,
+                profile_name: "batch-1".into(),
+                home_page: "https://example.org/".into(),
+                vms: vec![5, 3],
+                mark_delete: false,
+            },
+            Batch { id: 2, size: 0, profile_name: "batch-2".into(), home_page: String::new(), vms: vec![], mark_delete: true },
+        ],
+        handles: vec![
+            Handle { id: 1, batch: 2, vm: Some(6), expires_at: Some(90_000), created_at: 50_000 },
+            Handle { id: 2, batch: 1, vm: Some(4), expires_at: None, created_at: 51_000 },
+            Handle { id: 3, batch: 1, vm: None, expires_at: None, created_at: 52_000 },
+            Handle { id: 4, batch: 1, vm: None, expires_at: Some(u64::MAX), created_at: 53_000 },
+        ],
+    }
+}
+
+fn stored(name: &str, snapshot: PoolSnapshot) -> StoredPool {
+    StoredPool { name: name.into(), snapshot }
+}
+
+#[tokio::test]
+async fn snapshot_round_trips() {
+    let (_dir, _, store) = temp_store().await;
+    assert_eq!(store.kind(), "sqlite");
+    store.ping().await.expect("ping");
+    assert_eq!(store.load_pools().await.expect("load"), vec![]);
+
+    let snap = sample();
+    // Written out of name order: loading sorts pools by name.
+    store.apply(&Change::snapshot("zeta", &PoolSnapshot::default())).await.expect("apply");
+    store.apply(&Change::snapshot("alpha", &snap)).await.expect("apply");
+    let loaded = store.load_pools().await.expect("load");
+    assert_eq!(loaded, vec![stored("alpha", snap.clone()), stored("zeta", PoolSnapshot::default())]);
+
+    // Upserts overwrite every column, including back to NULL.
+    let mut changed = snap;
+    changed.size.max = 12;
+    changed.preps.clear();
+    changed.pending.remove(0);
+    changed.vms[3].state = VmState::Error;
+    changed.vms[3].placement = None;
+    changed.vms[3].batch = Some(2);
+    changed.batches[0].vms = vec![3];
+    changed.handles[0].expires_at = None;
+    changed.handles[2].vm = Some(8);
+    store.apply(&Change::snapshot("alpha", &changed)).await.expect("apply");
+    let loaded = store.load_pools().await.expect("load");
+    assert_eq!(loaded[0], stored("alpha", changed));
+}
+
+#[tokio::test]
+async fn row_deletes_remove_only_their_row() {
+    let (_dir, _, store) = temp_store().await;
+    let mut snap = sample();
+    store.apply(&Change::snapshot("p", &snap)).await.expect("apply");
+    store
+        .apply(&[
+            Change::VmDeleted { pool: "p".into(), id: 8 },
+            Change::BatchDeleted { pool: "p".into(), id: 2 },
+            Change::HandleDeleted { pool: "p".into(), id: 1 },
+            Change::VmDeleted { pool: "p".into(), id: 999 }, // absent: not an error
+        ])
+        .await
+        .expect("deletes");
+    snap.vms.retain(|v| v.id != 8);
+    snap.batches.retain(|b| b.id != 2);
+    snap.handles.retain(|h| h.id != 1);
+    assert_eq!(store.load_pools().await.expect("load"), vec![stored("p", snap)]);
+}
+
+#[tokio::test]
+async fn pool_delete_removes_the_pool_and_its_rows() {
+    let (_dir, _, store) = temp_store().await;
+    store.apply(&Change::snapshot("gone", &sample())).await.expect("apply");
+    store.apply(&Change::snapshot("kept", &sample())).await.expect("apply");
+    store.apply(&[Change::PoolDeleted { pool: "gone".into() }]).await.expect("delete");
+    assert_eq!(store.load_pools().await.expect("load"), vec![stored("kept", sample())]);
+
+    // Re-creating the pool starts empty: no orphan rows came back.
+    store.apply(&Change::snapshot("gone", &PoolSnapshot::default())).await.expect("apply");
+    let loaded = store.load_pools().await.expect("load");
+    assert_eq!(loaded[0], stored("gone", PoolSnapshot::default()));
+}
+
+#[tokio::test]
+async fn apply_is_all_or_nothing() {
+    let (_dir, _, store) = temp_store().await;
+    let mut changes = Change::snapshot("p", &sample());
+    changes.push(Change::Node(node(1)));
+    changes.push(Change::Vm { pool: "no-such-pool".into(), vm: vm(1, VmState::Free, None) });
+    let err = store.apply(&changes).await.expect_err("foreign key violation");
+    assert!(matches!(err, StoreError::Query(_)), "{err:?}");
+    assert_eq!(store.load_pools().await.expect("load"), vec![]);
+    assert_eq!(store.load_nodes().await.expect("load"), vec![]);
+}
+
+#[tokio::test]
+async fn data_survives_reopen() {
+    let (_dir, url, store) = temp_store().await;
+    store.apply(&Change::snapshot("p", &sample())).await.expect("apply");
+    store.apply(&[Change::Node(node(4))]).await.expect("apply");
+    drop(store);
+
+    let direct = SqliteStore::open(&url).await.expect("reopen runs migrations again");
+    assert_eq!(direct.load_pools().await.expect("load"), vec![stored("p", sample())]);
+    direct.close().await;
+
+    let again = open(&url).await.expect("reopen");
+    assert_eq!(again.load_pools().await.expect("load"), vec![stored("p", sample())]);
+    assert_eq!(again.load_nodes().await.expect("load"), vec![node(4)]);
+}
+
+fn node(id: u64) -> NodeRecord {
+    NodeRecord {
+        id,
+        name: format!("node-{id}"),
+        driver: "sim".into(),
+        cores: 16,
+        ram_mb: 65_536,
+        disk_mb: 1 << 40,
+        address: format!("192.0.2.{id}:7070"),
+        state: "ready".into(),
+        created_at: 1_700_000_000_000 + id,
+    }
+}
+
+#[tokio::test]
+async fn nodes_round_trip() {
+    let (_dir, _, store) = temp_store().await;
+    store.apply(&[Change::Node(node(3)), Change::Node(node(1)), Change::Node(node(2))]).await.expect("apply");
+    assert_eq!(store.load_nodes().await.expect("load"), vec![node(1), node(2), node(3)]);
+
+    let mut drained = node(2);
+    drained.state = "draining".into();
+    drained.cores = 8;
+    store.apply(&[Change::Node(drained.clone()), Change::NodeDeleted { id: 3 }]).await.expect("apply");
+    assert_eq!(store.load_nodes().await.expect("load"), vec![node(1), drained]);
+}
+
+#[tokio::test]
+async fn open_rejects_unknown_schemes_and_memory() {
+    for url in ["postgres://x", "mysql://x/y", "no-scheme-here", "sqlite::memory:", "sqlite://"] {
+        let err = open(url).await.err().unwrap_or_else(|| panic!("{url} opened"));
+        assert!(matches!(err, StoreError::BadUrl(_)), "{url}: {err:?}");
+    }
+    let err = open("postgres://x").await.err().expect("refused");
+    assert!(err.to_string().contains("postgres"), "{err}");
+}
+
+#[tokio::test]
+async fn open_reports_a_missing_directory() {
+    let err = open("sqlite:///nonexistent-dir/x.db").await.err().expect("refused");
+    assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
+    assert!(err.to_string().contains("/nonexistent-dir"), "{err}");
+}

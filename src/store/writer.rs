@@ -1,0 +1,287 @@
+//! Group commit. One background task owns every write: it takes the first queued request, drains
+//! whatever else is already queued (up to `MAX_GROUP`), applies them all in ONE `Store::apply`
+//! (one transaction, one fsync), and only then calls each request's callback. N concurrent
+//! writers cost about one commit, and a caller hears back only once its change is durable.
+//!
+//! Guarantees: requests are applied in submission order; every callback runs exactly once (with
+//! `WriterGone` if the task has stopped); if a group fails on a statement (`StoreError::Query`),
+//! its requests are retried one by one, in order, so one bad request does not fail its neighbours.
+
+use std::ops::Range;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, oneshot};
+
+use super::{Change, Store, StoreError};
+
+/// Most requests folded into one transaction.
+const MAX_GROUP: usize = 512;
+
+/// Runs on the writer task once the request's changes are committed (or have failed).
+pub type Done = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
+
+/// Cloneable handle to the writer task. The task ends when the last handle is dropped, after
+/// answering everything already submitted.
+#[derive(Clone)]
+pub struct StoreWriter {
+    tx: mpsc::UnboundedSender<Request>,
+    store: Arc<dyn Store>,
+}
+
+impl StoreWriter {
+    /// Start the writer task on the current tokio runtime (panics outside one, like `tokio::spawn`).
+    pub fn spawn(store: Arc<dyn Store>) -> StoreWriter {
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(run(store.clone(), rx));
+        StoreWriter { tx, store }
+    }
+
+    /// Non-blocking; safe to call from inside an actor handler. `done` runs on the writer task
+    /// after commit, so it must be quick (send a message, complete a oneshot).
+    pub fn submit(&self, changes: Vec<Change>, done: Box<dyn FnOnce(Result<(), StoreError>) + Send>) {
+        // If the task has stopped, the request comes back inside the error and dropping it
+        // answers `WriterGone`.
+        let _ = self.tx.send(Request { changes, done: Some(done) });
+    }
+
+    /// Submit and wait until the changes are durable.
+    pub async fn write(&self, changes: Vec<Change>) -> Result<(), StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.submit(
+            changes,
+            Box::new(move |result| {
+                let _ = tx.send(result);
+            }),
+        );
+        rx.await.unwrap_or(Err(StoreError::WriterGone))
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+}
+
+struct Request {
+    changes: Vec<Change>,
+    done: Option<Done>,
+}
+
+impl Request {
+    fn answer(mut self, result: Result<(), StoreError>) {
+        if let Some(done) = self.done.take() {
+            call(done, result);
+        }
+    }
+}
+
+/// A request dropped unanswered (task stopped, runtime shutting down) still hears back.
+impl Drop for Request {
+    fn drop(&mut self) {
+        if let Some(done) = self.done.take() {
+            call(done, Err(StoreError::WriterGone));
+        }
+    }
+}
+
+/// A panicking callback is the caller's bug; it must not take every other writer down.
+fn call(done: Done, result: Result<(), StoreError>) {
+    if catch_unwind(AssertUnwindSafe(|| done(result))).is_err() {
+        tracing::error!("store writer callback panicked");
+    }
+}
+
+async fn run(store: Arc<dyn Store>, mut rx: mpsc::UnboundedReceiver<Request>) {
+    let mut group = Vec::with_capacity(MAX_GROUP);
+    // `recv_many` waits for one request, then takes whatever else is queued, up to the limit.
+    while rx.recv_many(&mut group, MAX_GROUP).await > 0 {
+        commit(store.as_ref(), &mut group).await;
+    }
+}
+
+async fn commit(store: &dyn Store, group: &mut Vec<Request>) {
+    let mut all = Vec::new();
+    let mut parts: Vec<(Range<usize>, Request)> = Vec::with_capacity(group.len());
+    for mut req in group.drain(..) {
+        let start = all.len();
+        all.append(&mut req.changes);
+        parts.push((start..all.len(), req));
+    }
+    let result = store.apply(&all).await;
+    match result {
+        Err(StoreError::Query(e)) if parts.len() > 1 => {
+            tracing::warn!(requests = parts.len(), error = %e, "group commit failed; applying requests one by one");
+            for (range, req) in parts {
+                let result = store.apply(&all[range]).await;
+                req.answer(result);
+            }
+        }
+        result => {
+            for (_, req) in parts {
+                req.answer(result.clone());
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use tempfile::TempDir;
+
+    use super::*;
+    use crate::domain::pool::PoolSize;
+    use crate::domain::vm::Vm;
+    use crate::store::{NodeRecord, StoredPool, open};
+
+    /// Counts `apply` calls on the way to a real store.
+    struct Counting {
+        inner: Arc<dyn Store>,
+        applies: AtomicUsize,
+    }
+
+    #[async_trait::async_trait]
+    impl Store for Counting {
+        async fn load_pools(&self) -> Result<Vec<StoredPool>, StoreError> {
+            self.inner.load_pools().await
+        }
+        async fn load_nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
+            self.inner.load_nodes().await
+        }
+        async fn apply(&self, changes: &[Change]) -> Result<(), StoreError> {
+            self.applies.fetch_add(1, Ordering::SeqCst);
+            self.inner.apply(changes).await
+        }
+        async fn ping(&self) -> Result<(), StoreError> {
+            self.inner.ping().await
+        }
+        fn kind(&self) -> &'static str {
+            "counting"
+        }
+    }
+
+    async fn counting_store() -> (TempDir, Arc<Counting>) {
+        let dir = TempDir::new().expect("tempdir");
+        let url = format!("sqlite://{}", dir.path().join("w.db").display());
+        let inner = open(&url).await.expect("open");
+        (dir, Arc::new(Counting { inner, applies: AtomicUsize::new(0) }))
+    }
+
+    fn pool(name: &str) -> Change {
+        Change::Pool {
+            pool: name.into(),
+            size: PoolSize { min: 0, max: 5, linger: 0 },
+            next_vm: 1,
+            next_batch: 1,
+            next_handle: 1,
+            preps: vec![],
+            pending: vec![],
+        }
+    }
+
+    fn vm(pool: &str, id: u64) -> Change {
+        Change::Vm { pool: pool.into(), vm: Vm::new(id, 1_000) }
+    }
+
+    async fn vm_ids(store: &dyn Store, name: &str) -> Vec<u64> {
+        let pools = store.load_pools().await.expect("load");
+        let p = pools.iter().find(|p| p.name == name).expect("pool present");
+        p.snapshot.vms.iter().map(|v| v.id).collect()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_writers_share_commits() {
+        let (_dir, store) = counting_store().await;
+        let writer = StoreWriter::spawn(store.clone());
+        writer.write(vec![pool("g")]).await.expect("pool row");
+        let before = store.applies.load(Ordering::SeqCst);
+
+        let mut tasks = Vec::new();
+        for t in 0..50u64 {
+            let writer = writer.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut answers = Vec::new();
+                for i in 0..4u64 {
+                    let (tx, rx) = oneshot::channel();
+                    writer.submit(vec![vm("g", t * 4 + i + 1)], Box::new(move |r| drop(tx.send(r))));
+                    answers.push(rx);
+                }
+                for rx in answers {
+                    rx.await.expect("callback ran").expect("write ok");
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.expect("task");
+        }
+
+        let applies = store.applies.load(Ordering::SeqCst) - before;
+        assert!(applies < 200, "200 submissions took {applies} commits; expected grouping");
+        assert_eq!(vm_ids(store.as_ref(), "g").await, (1..=200).collect::<Vec<_>>());
+    }
+
+    #[tokio::test]
+    async fn requests_apply_in_submission_order() {
+        let (_dir, store) = counting_store().await;
+        let writer = StoreWriter::spawn(store.clone());
+        writer.write(vec![pool("p")]).await.expect("pool row");
+        // `join!` polls its futures in order, so the three are submitted in this order.
+        let upsert = writer.write(vec![vm("p", 7)]);
+        let delete = writer.write(vec![Change::VmDeleted { pool: "p".into(), id: 7 }]);
+        let keep = writer.write(vec![vm("p", 8)]);
+        let (a, b, c) = tokio::join!(upsert, delete, keep);
+        a.and(b).and(c).expect("writes ok");
+        assert_eq!(vm_ids(store.as_ref(), "p").await, vec![8]);
+    }
+
+    /// On a current-thread runtime the writer cannot run until the test yields, so all three
+    /// submissions land in one group; the bad one must fail alone.
+    #[tokio::test]
+    async fn a_bad_request_fails_alone() {
+        let (_dir, store) = counting_store().await;
+        let writer = StoreWriter::spawn(store.clone());
+        let ok1 = writer.write(vec![pool("p")]);
+        let bad = writer.write(vec![vm("nope", 1)]);
+        let ok2 = writer.write(vec![vm("p", 1)]);
+        let (ok1, bad, ok2) = tokio::join!(ok1, bad, ok2);
+        assert_eq!(ok1, Ok(()));
+        assert!(matches!(bad, Err(StoreError::Query(_))), "{bad:?}");
+        assert_eq!(ok2, Ok(()));
+        assert_eq!(store.applies.load(Ordering::SeqCst), 4, "one group commit, then three retries");
+        assert_eq!(vm_ids(store.as_ref(), "p").await, vec![1]);
+        assert!(store.load_pools().await.expect("load").iter().all(|p| p.name != "nope"));
+    }
+
+    struct Panicking;
+
+    #[async_trait::async_trait]
+    impl Store for Panicking {
+        async fn load_pools(&self) -> Result<Vec<StoredPool>, StoreError> {
+            Ok(vec![])
+        }
+        async fn load_nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
+            Ok(vec![])
+        }
+        async fn apply(&self, _: &[Change]) -> Result<(), StoreError> {
+            panic!("simulated store bug")
+        }
+        async fn ping(&self) -> Result<(), StoreError> {
+            Ok(())
+        }
+        fn kind(&self) -> &'static str {
+            "panicking"
+        }
+    }
+
+    #[tokio::test]
+    async fn a_stopped_writer_answers_writer_gone() {
+        let writer = StoreWriter::spawn(Arc::new(Panicking));
+        assert_eq!(writer.write(vec![]).await, Err(StoreError::WriterGone));
+        writer.tx.closed().await;
+        let answer = Arc::new(parking_lot::Mutex::new(None));
+        let slot = answer.clone();
+        writer.submit(vec![], Box::new(move |r| *slot.lock() = Some(r)));
+        assert_eq!(*answer.lock(), Some(Err(StoreError::WriterGone)), "answered at once");
+    }
+}
