@@ -107,7 +107,11 @@ async fn commit(store: &dyn Store, group: &mut Vec<Request>) {
         all.append(&mut req.changes);
         parts.push((start..all.len(), req));
     }
+    let started = std::time::Instant::now();
     let result = store.apply(&all).await;
+    if !all.is_empty() {
+        crate::metrics::store_commit(result.is_ok(), all.len(), started.elapsed().as_secs_f64());
+    }
     match result {
         Err(StoreError::Query(e)) if parts.len() > 1 => {
             tracing::warn!(requests = parts.len(), error = %e, "group commit failed; applying requests one by one");

@@ -1,0 +1,16 @@
+//! System tests: the real hive (actors, SQLite file, warp) on 127.0.0.1:0, driven over HTTP.
+//! One binary; each test gets its own server and data directory. Nothing sleeps to
+//! synchronise: `support::until` polls with a deadline.
+//!
+//! The VMs here come from the in-process simulator (`drivers::sim`), which stands in for a
+//! hypervisor; what is under test is the pool logic, the API, the store and supervision.
+
+#![allow(clippy::field_reassign_with_default)]
+
+mod support;
+
+mod api_v1;
+mod bad_input;
+mod durability;
+mod supervision;
+mod vmcloud_rules;
