@@ -61,8 +61,8 @@ pub fn release(pool: &str) {
     counter!("hive_releases_total", "pool" => pool.to_string()).increment(1);
 }
 
-pub fn lock_to_assigned(pool: &str, ms: u64) {
-    histogram!("hive_lock_to_assigned_seconds", "pool" => pool.to_string()).record(ms as f64 / 1000.0);
+pub fn lock_to_assigned(pool: &str, waited: std::time::Duration) {
+    histogram!("hive_lock_to_assigned_seconds", "pool" => pool.to_string()).record(waited.as_secs_f64());
 }
 
 /// `total` is the pool's running count; the counter is moved up to it.

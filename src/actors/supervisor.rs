@@ -76,6 +76,7 @@ impl Actor for HiveSupervisor {
         let st = HiveState { args, restarts: RestartLog::default() };
         start_registry(&me, &st.args).await?;
         let stored = st.args.template.writer.store().load_pools().await?;
+        reconcile(&st.args.node_specs, &stored).await;
         if !stored.iter().any(|p| p.name == "default") {
             write_new_pool(&st.args.template.writer, "default", st.args.default_size).await?;
         }
@@ -119,7 +120,7 @@ impl Actor for HiveSupervisor {
             start_registry(&me, &st.args).await?;
             // Capacity bookkeeping died with it: every pool claims its VMs' capacity again.
             for p in st.args.pools.list() {
-                p.slot().cast(PoolMsg::Tick);
+                p.slot().cast(PoolMsg::Reclaim);
             }
             return Ok(());
         }
@@ -134,6 +135,26 @@ impl Actor for HiveSupervisor {
             start_pool(&me, &st.args, pool).await?;
         }
         Ok(())
+    }
+}
+
+/// Before any pool starts (so no boot is in flight): destroy domains that a node holds but no
+/// stored VM refers to, e.g. one created just before a crash and never recorded.
+async fn reconcile(nodes: &[NodeSpec], stored: &[crate::store::StoredPool]) {
+    let known: std::collections::HashSet<(u64, &str)> = stored
+        .iter()
+        .flat_map(|p| p.snapshot.vms.iter())
+        .filter_map(|v| v.placement.as_ref())
+        .map(|p| (p.node, p.domain.as_str()))
+        .collect();
+    for node in nodes {
+        let Ok(domains) = node.driver.list().await else { continue };
+        for d in domains.iter().filter(|d| !known.contains(&(node.id, d.as_str()))) {
+            tracing::info!(node.id = node.id, domain = %d, "destroying a domain no pool knows");
+            if let Err(e) = node.driver.destroy(d).await {
+                tracing::warn!(node.id = node.id, domain = %d, error = %e, "cannot destroy orphan domain");
+            }
+        }
     }
 }
 

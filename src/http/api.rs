@@ -149,8 +149,8 @@ struct NewPool {
 struct Resize {
     min: u32,
     max: u32,
-    #[serde(default)]
-    linger: u64,
+    /// Kept as it is when absent.
+    linger: Option<u64>,
 }
 
 pub async fn list_pools(hive: Hive) -> ApiResult {
@@ -183,7 +183,12 @@ pub async fn show_pool(hive: Hive, name: String) -> ApiResult {
 pub async fn resize_pool(hive: Hive, name: String, auth: Option<String>, body: bytes::Bytes) -> ApiResult {
     require_admin(&hive, auth.as_deref())?;
     let b: Resize = reply::body(&body)?;
-    let r = hive.pool(&name)?.set_size(b.min, b.max, b.linger).await?;
+    let p = hive.pool(&name)?;
+    let linger = match b.linger {
+        Some(l) => l,
+        None => p.status().await?.size.linger,
+    };
+    let r = p.set_size(b.min, b.max, linger).await?;
     Ok(reply::json(&serde_json::json!({"size": r.size, "clamped_from": r.clamped_from})))
 }
 

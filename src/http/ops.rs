@@ -1,6 +1,6 @@
 //! Operations and browser surfaces: `/healthz` (the process answers), `/readyz` (the store
 //! answers), `/metrics` (Prometheus text), the monitor page at `/` and `/static/monitor.html`,
-//! and its live feed `/api/v1/pools/{pool}/live`: Server-Sent Events carrying the vmcloud
+//! the OpenAPI document at `/api/v1/openapi.json`, and the pool's live feed `/api/v1/pools/{pool}/live`: Server-Sent Events carrying the vmcloud
 //! `all-status` body after every durable change (coalesced, at most 10 a second). No polling.
 
 use std::time::Duration;
@@ -17,10 +17,11 @@ use super::{timed, with_hive};
 use crate::app::Hive;
 
 const MONITOR_HTML: &str = include_str!("../../web/monitor.html");
+const OPENAPI: &str = include_str!("../../web/openapi.json");
 
 pub fn routes(hive: Hive) -> BoxedFilter<(Response,)> {
     let h = || with_hive(hive.clone());
-    let healthz = warp::path!("healthz").and(warp::get()).map(|| reply::json(&json!({"status": "ok"})));
+    let healthz = warp::path!("healthz").and(warp::get()).then(|| timed("/healthz", async { Ok(reply::json(&json!({"status": "ok"}))) }));
     let readyz = warp::path!("readyz").and(warp::get()).and(h()).then(|hive| timed("/readyz", readyz(hive)));
     let metrics = warp::path!("metrics").and(warp::get()).and(h()).map(render_metrics);
     let monitor = warp::path!("static" / "monitor.html").or(warp::path::end()).unify().and(warp::get()).map(|| {
@@ -29,7 +30,12 @@ pub fn routes(hive: Hive) -> BoxedFilter<(Response,)> {
         r
     });
     let live = warp::path!("api" / "v1" / "pools" / String / "live").and(warp::get()).and(h()).map(live);
-    healthz.or(readyz).unify().or(metrics).unify().or(monitor).unify().or(live).unify().boxed()
+    let openapi = warp::path!("api" / "v1" / "openapi.json").and(warp::get()).map(|| {
+        let mut r = Response::new(OPENAPI.into());
+        r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        r
+    });
+    healthz.or(readyz).unify().or(metrics).unify().or(monitor).unify().or(live).unify().or(openapi).unify().boxed()
 }
 
 async fn readyz(hive: Hive) -> ApiResult {
@@ -67,7 +73,7 @@ fn live(name: String, hive: Hive) -> Response {
         }
         let body = match pool.status().await {
             Ok(s) => super::vmcloud::all_status_body(&s),
-            Err(e) => json!({"error": e.to_string()}),
+            Err(e) => json!({"error": {"code": "unavailable", "message": e.to_string()}}),
         };
         let ev = warp::sse::Event::default().event("status").json_data(body).ok()?;
         Some((Ok::<_, std::convert::Infallible>(ev), (pool, rx, false)))

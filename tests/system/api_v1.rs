@@ -66,6 +66,7 @@ async fn pool_lifecycle_batches_and_sessions() {
     assert_eq!(s, StatusCode::NO_CONTENT);
     let (s, r) = send(&app, M::PUT, "/api/v1/pools/kiosk/size", Some(json!({"min": 0, "max": 0})), true).await;
     assert_eq!(s, StatusCode::OK, "{r}");
+    assert_eq!(r["size"], json!({"min": 0, "max": 0, "linger": 1000}), "linger kept when not given");
     crate::support::until("kiosk empty", std::time::Duration::from_secs(10), || async {
         let (_, d) = send(&app, M::GET, "/api/v1/pools/kiosk", None, false).await;
         (d["vm_list"].as_array().unwrap().is_empty() && d["batch_list"].as_array().unwrap().is_empty()).then_some(())

@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use crate::support::{hive_bin, until};
+use guaca_hive::drivers::{Hypervisor, VmSpec};
+
+use crate::support::{TestApp, hive_bin, in_state, until};
 
 struct Proc {
     child: Child,
@@ -132,4 +134,40 @@ async fn bad_config_is_reported_with_every_problem_and_nonzero_exit() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("pool.max_cap") && err.contains("vm.cores"), "{err}");
+}
+
+#[tokio::test]
+async fn restart_keeps_known_vms_and_destroys_orphans() {
+    let app = TestApp::spawn().await;
+    app.post_ok("/set-pool-size/2/4/60000").await;
+    let before = app.until_status("two FREE", |s| in_state(s, 3).len() == 2).await;
+    // A domain the hypervisor holds but no pool recorded (as if created just before a crash).
+    let spec = VmSpec { name: "stray".into(), template: "desktop".into(), cores: 1, ram_mb: 256, disk_mb: 256 };
+    let orphan = app.hive.sim(1).unwrap().create(&spec).await.unwrap();
+    let app = app.restart().await;
+    assert!(!app.hive.sim(1).unwrap().domains().contains(&orphan), "the orphan is destroyed at start");
+    let after = app.all_status().await;
+    assert_eq!(after["vms"], before["vms"], "the pool's VMs are re-attached, not rebuilt");
+    let used: u32 = app.hive.nodes().await.unwrap().iter().map(|n| n.vms).sum();
+    assert_eq!(used, 2, "their capacity is claimed again");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn sigint_shuts_the_binary_down_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut p = start(dir.path());
+    let c = reqwest::Client::new();
+    assert_eq!(get(&c, &p.base, "/healthz").await["status"], "ok");
+    let pid = p.child.id().to_string();
+    assert!(Command::new("kill").args(["-INT", &pid]).status().unwrap().success());
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        if let Some(s) = p.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(std::time::Instant::now() < deadline, "hive did not exit after SIGINT");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(status.success(), "clean exit, got {status}");
 }

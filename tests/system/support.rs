@@ -50,14 +50,14 @@ impl Builder {
         let dir = self.dir.unwrap_or_else(|| tempfile::tempdir().expect("tempdir"));
         let mut cfg = self.cfg;
         cfg.data_dir = dir.path().to_path_buf();
-        let hive = Hive::start(cfg).await.expect("hive starts");
+        let hive = Hive::start(cfg.clone()).await.expect("hive starts");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let base = format!("http://{}", listener.local_addr().expect("addr"));
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let server = tokio::spawn(guaca_hive::http::serve(hive.clone(), listener, async move {
             let _ = rx.await;
         }));
-        TestApp { base, client: reqwest::Client::new(), hive, _dir: dir, stop: Some(tx), server }
+        TestApp { base, client: reqwest::Client::new(), hive, cfg, dir: Some(dir), stop: Some(tx), server }
     }
 }
 
@@ -65,7 +65,8 @@ pub struct TestApp {
     pub base: String,
     pub client: reqwest::Client,
     pub hive: Hive,
-    _dir: tempfile::TempDir,
+    cfg: HiveConfig,
+    dir: Option<tempfile::TempDir>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     server: tokio::task::JoinHandle<()>,
 }
@@ -141,11 +142,21 @@ impl TestApp {
     }
 
     pub async fn stop(mut self) {
+        self.shut().await;
+    }
+
+    async fn shut(&mut self) {
         if let Some(tx) = self.stop.take() {
             let _ = tx.send(());
         }
         let _ = tokio::time::timeout(Duration::from_secs(5), &mut self.server).await;
         self.hive.stop().await;
+    }
+
+    /// Stop gracefully and start again on the same data directory and config.
+    pub async fn restart(mut self) -> TestApp {
+        self.shut().await;
+        Builder { cfg: self.cfg.clone(), dir: self.dir.take() }.spawn().await
     }
 }
 

@@ -9,6 +9,8 @@
 //! a VM belongs to at most one batch and the batch lists it back; a handle holds at most one VM
 //! and no VM is held by two handles; an OCCUPIED VM is held by exactly one handle.
 
+mod invariants;
+mod results;
 mod rules;
 #[cfg(test)]
 mod tests;
@@ -17,7 +19,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
-use super::vm::{Placement, Vm, VmAddress, VmState};
+use super::vm::{Placement, Vm, VmState};
 use super::{BatchId, HandleId, Millis, VmId};
 
 /// `{min, max, linger}`; `linger` in milliseconds.
@@ -191,11 +193,11 @@ pub struct PoolState {
     pub(crate) next_batch: BatchId,
     pub(crate) next_handle: HandleId,
     next_op: u64,
-    boot_failures: u32,
-    boot_not_before: Millis,
-    effects: Vec<Effect>,
-    dirty: Dirty,
-    passes: u64,
+    pub(crate) boot_failures: u32,
+    pub(crate) boot_not_before: Millis,
+    pub(crate) effects: Vec<Effect>,
+    pub(crate) dirty: Dirty,
+    pub(crate) passes: u64,
 }
 
 impl PoolState {
@@ -382,97 +384,13 @@ impl PoolState {
         self.run(now);
     }
 
-    // ---- driver results ----------------------------------------------------------------
-
-    /// The hypervisor accepted the VM: CREATING → BOOTING.
-    pub fn created(&mut self, vm: VmId, op: u64, placement: Placement, now: Millis) {
-        if let Some(v) = self.vm_in(vm, op, VmState::Creating) {
-            v.placement = Some(placement);
-            v.enter(VmState::Booting, now);
-            self.dirty.vms.insert(vm);
-        }
-        self.run(now);
-    }
-
-    /// The guest checked in: BOOTING → FREE.
-    pub fn booted(&mut self, vm: VmId, op: u64, address: VmAddress, now: Millis) {
-        if let Some(v) = self.vm_in(vm, op, VmState::Booting) {
-            v.address = address;
-            v.enter(VmState::Free, now);
-            self.dirty.vms.insert(vm);
-            self.boot_failures = 0;
-            self.boot_not_before = 0;
-        }
-        self.run(now);
-    }
-
-    /// Creating or booting failed: → ERROR, and back off before the next boot.
-    pub fn boot_failed(&mut self, vm: VmId, op: u64, placement: Option<Placement>, now: Millis) {
-        let booting = self.vms.get(&vm).is_some_and(|v| v.op == op && matches!(v.state, VmState::Creating | VmState::Booting));
-        if booting {
-            let v = self.vms.get_mut(&vm).expect("checked above");
-            if v.placement.is_none() {
-                v.placement = placement;
-            }
-            v.enter(VmState::Error, now);
-            self.dirty.vms.insert(vm);
-            self.boot_failures = self.boot_failures.saturating_add(1);
-            let shift = (self.boot_failures - 1).min(16);
-            let delay = self.rules.boot_backoff.saturating_mul(1 << shift).min(self.rules.boot_backoff_max);
-            self.boot_not_before = now.saturating_add(delay);
-        }
-        self.run(now);
-    }
-
-    /// Preparation ended. If the batch is gone or no longer lists the VM, clean it up.
-    pub fn prepared(&mut self, vm: VmId, op: u64, ok: bool, now: Millis) {
-        if let Some(v) = self.vm_in(vm, op, VmState::Wait) {
-            let batch = v.batch;
-            if !ok {
-                v.enter(VmState::Error, now);
-            } else if batch.is_some_and(|b| self.batches.get(&b).is_some_and(|b| b.vms.contains(&vm))) {
-                let v = self.vms.get_mut(&vm).expect("checked above");
-                v.enter(VmState::Ready, now);
-            } else {
-                self.start_cleanup(vm, now);
-            }
-            self.dirty.vms.insert(vm);
-        }
-        self.run(now);
-    }
-
-    /// Clean-up ended: WAIT → FREE, or ERROR.
-    pub fn cleaned(&mut self, vm: VmId, op: u64, ok: bool, now: Millis) {
-        if let Some(v) = self.vm_in(vm, op, VmState::Wait) {
-            v.enter(if ok { VmState::Free } else { VmState::Error }, now);
-            self.dirty.vms.insert(vm);
-        }
-        self.run(now);
-    }
-
-    /// A health ping answered (or not). Only FREE, READY and OCCUPIED VMs are pinged;
-    /// a failed ping changes nothing: the VM just gets closer to its timeout.
-    pub fn pinged(&mut self, vm: VmId, ok: bool, now: Millis) {
-        if ok {
-            if let Some(v) = self.vms.get_mut(&vm).filter(|v| v.state.is_stable()) {
-                v.contact = now;
-            }
-        }
-        self.run(now);
-    }
-
-    /// Time passed (a timer fired).
-    pub fn tick(&mut self, now: Millis) {
-        self.run(now);
-    }
-
     // ---- helpers shared with the rules -------------------------------------------------
 
-    fn vm_in(&mut self, vm: VmId, op: u64, state: VmState) -> Option<&mut Vm> {
+    pub(crate) fn vm_in(&mut self, vm: VmId, op: u64, state: VmState) -> Option<&mut Vm> {
         self.vms.get_mut(&vm).filter(|v| v.op == op && v.state == state)
     }
 
-    fn new_op(&mut self) -> u64 {
+    pub(crate) fn new_op(&mut self) -> u64 {
         let op = self.next_op;
         self.next_op += 1;
         op
@@ -539,57 +457,5 @@ impl PoolState {
             None => self.pending.retain(|p| p.handle != handle),
         }
         self.effects.push(Effect::HandleEnded { handle, why });
-    }
-
-    /// The invariants every reachable state keeps; returns the first one broken.
-    pub fn check_invariants(&self) -> Result<(), String> {
-        let mut held = BTreeSet::new();
-        for h in self.handles.values() {
-            if let Some(vm) = h.vm {
-                if !held.insert(vm) {
-                    return Err(format!("vm {vm} is held by two handles"));
-                }
-            }
-        }
-        let mut in_batch = BTreeSet::new();
-        for b in self.batches.values() {
-            for vm in &b.vms {
-                if !in_batch.insert(*vm) {
-                    return Err(format!("vm {vm} is in two batches (or twice in batch {})", b.id));
-                }
-                if held.contains(vm) {
-                    return Err(format!("vm {vm} is both held and in batch {}", b.id));
-                }
-                if let Some(v) = self.vms.get(vm) {
-                    if v.batch != Some(b.id) {
-                        return Err(format!("batch {} lists vm {vm} but the vm says {:?}", b.id, v.batch));
-                    }
-                }
-            }
-        }
-        for v in self.vms.values() {
-            if let Some(b) = v.batch {
-                if !self.batches.get(&b).is_some_and(|b| b.vms.contains(&v.id)) {
-                    return Err(format!("vm {} says batch {b} but the batch does not list it", v.id));
-                }
-            }
-            if v.state == VmState::Occupied && !held.contains(&v.id) {
-                return Err(format!("vm {} is OCCUPIED but no handle holds it", v.id));
-            }
-            if v.state == VmState::Ready && v.batch.is_none() {
-                return Err(format!("vm {} is READY outside any batch", v.id));
-            }
-        }
-        for p in &self.pending {
-            match self.handles.get(&p.handle) {
-                Some(h) if h.vm.is_none() && h.batch == p.batch => {}
-                _ => return Err(format!("pending lock {p:?} has no matching pending handle")),
-            }
-        }
-        let pending_handles = self.handles.values().filter(|h| h.vm.is_none()).count();
-        if pending_handles != self.pending.len() {
-            return Err(format!("{pending_handles} pending handles but {} pending locks", self.pending.len()));
-        }
-        Ok(())
     }
 }

@@ -4,6 +4,7 @@
 use proptest::prelude::*;
 
 use super::*;
+use crate::domain::vm::VmAddress;
 
 const T0: Millis = 1_000_000;
 

@@ -7,19 +7,21 @@
 //! store, so memory never runs ahead of what is durable for long.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::time::Duration;
 
 use ractor::concurrency::JoinHandle;
 use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 use serde_json::json;
 
-use super::events::EventHub;
-use super::node::NodeRegistryHandle;
-use super::session::{SessionActor, SessionArgs, SessionMsg};
-use super::{CallError, Clock, RestartLog, RestartPolicy, Slot};
+use crate::actors::node::NodeRegistryHandle;
+use crate::actors::session::{SessionActor, SessionArgs, SessionMsg};
+use crate::actors::{CallError, Clock, RestartLog, RestartPolicy};
+mod handle;
+
+pub use handle::PoolHandle;
+
 use crate::domain::pool::{Effect, Handle, HandleEnd, PoolInputError, PoolRules, PoolSnapshot, PoolState, Resized};
-use crate::domain::vm::{Placement, Vm, VmAddress, VmState};
+use crate::domain::vm::{Placement, Vm, VmAddress};
 use crate::domain::{BatchId, HandleId, Millis, VmId};
 use crate::drivers::{PrepareSpec, VmSpec};
 use crate::metrics;
@@ -59,21 +61,55 @@ pub enum DriverReport {
     Pinged { vm: VmId, ok: bool },
 }
 
-type Reply<T> = RpcReplyPort<Result<T, PoolError>>;
+pub(super) type Reply<T> = RpcReplyPort<Result<T, PoolError>>;
 
 pub enum PoolMsg {
-    SetSize { min: u32, max: u32, linger: u64, reply: Reply<Resized> },
-    PrepareBatch { size: u32, home_page: String, reply: Reply<BatchId> },
-    Lock { batch: BatchId, reply: Reply<HandleId> },
-    Release { handle: HandleId, reply: Reply<()> },
-    CancelBatch { batch: BatchId, reply: Reply<()> },
-    RenewExpire { handle: HandleId, ms: u64, reply: Reply<Millis> },
-    Shutdown { reply: Reply<()> },
-    Status { reply: Reply<PoolSnapshot> },
-    HandleStatus { handle: HandleId, reply: Reply<HandleView> },
-    WaitAssigned { handle: HandleId, reply: Reply<HandleView> },
+    SetSize {
+        min: u32,
+        max: u32,
+        linger: u64,
+        reply: Reply<Resized>,
+    },
+    PrepareBatch {
+        size: u32,
+        home_page: String,
+        reply: Reply<BatchId>,
+    },
+    Lock {
+        batch: BatchId,
+        reply: Reply<HandleId>,
+    },
+    Release {
+        handle: HandleId,
+        reply: Reply<()>,
+    },
+    CancelBatch {
+        batch: BatchId,
+        reply: Reply<()>,
+    },
+    RenewExpire {
+        handle: HandleId,
+        ms: u64,
+        reply: Reply<Millis>,
+    },
+    Shutdown {
+        reply: Reply<()>,
+    },
+    Status {
+        reply: Reply<PoolSnapshot>,
+    },
+    HandleStatus {
+        handle: HandleId,
+        reply: Reply<HandleView>,
+    },
+    WaitAssigned {
+        handle: HandleId,
+        reply: Reply<HandleView>,
+    },
     Report(DriverReport),
     Tick,
+    /// The node registry was restarted: reserve this pool's VMs' capacity again.
+    Reclaim,
     PersistFailed(String),
     Crash,
     CrashSession(VmId),
@@ -100,6 +136,8 @@ pub struct PoolManagerState {
     sessions: HashMap<VmId, ActorRef<SessionMsg>>,
     session_ids: HashMap<ActorId, VmId>,
     waiters: HashMap<HandleId, Vec<Reply<HandleView>>>,
+    /// When each pending lock arrived, for the lock-to-assigned histogram.
+    locked_at: HashMap<HandleId, tokio::time::Instant>,
     restarts: RestartLog,
     timer: Option<(Millis, JoinHandle<()>)>,
     /// The pool row as last written, to skip rewriting it when nothing in it changed.
@@ -124,6 +162,7 @@ impl Actor for PoolManager {
             sessions: HashMap::new(),
             session_ids: HashMap::new(),
             waiters: HashMap::new(),
+            locked_at: HashMap::new(),
             restarts: RestartLog::default(),
             timer: None,
             written_row: None,
@@ -169,6 +208,7 @@ impl Actor for PoolManager {
                 if let Ok(h) = r {
                     metrics::lock(st.args.handle.name());
                     st.args.handle.events().open(h);
+                    st.locked_at.insert(h, tokio::time::Instant::now());
                 }
                 return settle(&me, st, r.map_err(Into::into), reply).await;
             }
@@ -219,6 +259,17 @@ impl Actor for PoolManager {
                 st.timer = None;
                 pool.tick(now);
                 apply(&me, st).await?;
+            }
+            PoolMsg::Reclaim => {
+                let placed: Vec<Placement> = pool.vms().filter_map(|v| v.placement.clone()).collect();
+                let (nodes, spec) = (st.args.nodes.clone(), st.args.vm_spec.clone());
+                tokio::spawn(async move {
+                    for p in placed {
+                        if let Err(e) = nodes.claim(p.node, &spec).await {
+                            tracing::warn!(node.id = p.node, error = %e, "cannot re-claim capacity");
+                        }
+                    }
+                });
             }
             PoolMsg::PersistFailed(why) => {
                 return Err(format!("pool {} could not persist its state: {why}", st.args.handle.name()).into());
@@ -355,7 +406,12 @@ async fn run_effect(me: &ActorRef<PoolMsg>, st: &mut PoolManagerState, effect: E
             let events = st.args.handle.events().clone();
             let waiters = st.waiters.remove(&handle).unwrap_or_default();
             let v = view(&st.pool, handle).ok();
-            metrics::lock_to_assigned(&pool_name, now.saturating_sub(locked_at));
+            // Precise when the lock arrived in this incarnation; from the stored ms otherwise.
+            let waited = match st.locked_at.remove(&handle) {
+                Some(at) => at.elapsed(),
+                None => Duration::from_millis(now.saturating_sub(locked_at)),
+            };
+            metrics::lock_to_assigned(&pool_name, waited);
             st.after_commit.push(Box::new(move || {
                 events.push(handle, json!({"type": "assigned", "vmid": vm}), now);
                 for w in waiters {
@@ -367,6 +423,7 @@ async fn run_effect(me: &ActorRef<PoolMsg>, st: &mut PoolManagerState, effect: E
             if why == HandleEnd::Released {
                 metrics::release(&pool_name);
             }
+            st.locked_at.remove(&handle);
             let events = st.args.handle.events().clone();
             let waiters = st.waiters.remove(&handle).unwrap_or_default();
             st.after_commit.push(Box::new(move || {
@@ -463,131 +520,4 @@ async fn spawn_session(
     st.session_ids.insert(session.get_id(), vm);
     st.sessions.insert(vm, session.clone());
     Ok(session)
-}
-
-// ---- handle ------------------------------------------------------------------------------
-
-struct PoolInner {
-    name: String,
-    slot: Slot<PoolMsg>,
-    events: EventHub,
-    timeout: Duration,
-    /// Bumped after every commit that changed the pool: live views wait on it.
-    version: tokio::sync::watch::Sender<u64>,
-}
-
-/// The way in to one pool. Cloneable; survives restarts of the pool manager.
-#[derive(Clone)]
-pub struct PoolHandle {
-    inner: Arc<PoolInner>,
-}
-
-impl PoolHandle {
-    pub fn new(name: &str, timeout: Duration) -> PoolHandle {
-        let inner = PoolInner {
-            name: name.to_string(),
-            slot: Slot::new("pool manager"),
-            events: EventHub::default(),
-            timeout,
-            version: tokio::sync::watch::channel(0).0,
-        };
-        PoolHandle { inner: Arc::new(inner) }
-    }
-
-    pub fn name(&self) -> &str {
-        &self.inner.name
-    }
-
-    pub fn events(&self) -> &EventHub {
-        &self.inner.events
-    }
-
-    pub(crate) fn slot(&self) -> &Slot<PoolMsg> {
-        &self.inner.slot
-    }
-
-    /// A receiver that changes after every durable change of the pool.
-    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
-        self.inner.version.subscribe()
-    }
-
-    fn bump(&self) {
-        self.inner.version.send_modify(|v| *v += 1);
-    }
-
-    async fn call<T: Send + 'static>(&self, build: impl Fn(Reply<T>) -> PoolMsg) -> Result<T, PoolError> {
-        self.inner.slot.call(build, self.inner.timeout).await?
-    }
-
-    pub async fn set_size(&self, min: u32, max: u32, linger: u64) -> Result<Resized, PoolError> {
-        self.call(|reply| PoolMsg::SetSize { min, max, linger, reply }).await
-    }
-
-    pub async fn prepare_batch(&self, size: u32, home_page: &str) -> Result<BatchId, PoolError> {
-        self.call(|reply| PoolMsg::PrepareBatch { size, home_page: home_page.to_string(), reply }).await
-    }
-
-    pub async fn lock(&self, batch: BatchId) -> Result<HandleId, PoolError> {
-        self.call(|reply| PoolMsg::Lock { batch, reply }).await
-    }
-
-    pub async fn release(&self, handle: HandleId) -> Result<(), PoolError> {
-        self.call(|reply| PoolMsg::Release { handle, reply }).await
-    }
-
-    pub async fn cancel_batch(&self, batch: BatchId) -> Result<(), PoolError> {
-        self.call(|reply| PoolMsg::CancelBatch { batch, reply }).await
-    }
-
-    pub async fn renew_expire(&self, handle: HandleId, ms: u64) -> Result<Millis, PoolError> {
-        self.call(|reply| PoolMsg::RenewExpire { handle, ms, reply }).await
-    }
-
-    pub async fn shutdown(&self) -> Result<(), PoolError> {
-        self.call(|reply| PoolMsg::Shutdown { reply }).await
-    }
-
-    pub async fn status(&self) -> Result<PoolSnapshot, PoolError> {
-        self.call(|reply| PoolMsg::Status { reply }).await
-    }
-
-    pub async fn handle_status(&self, handle: HandleId) -> Result<HandleView, PoolError> {
-        self.call(|reply| PoolMsg::HandleStatus { handle, reply }).await
-    }
-
-    /// The handle's status once it is assigned, or as it is after `wait`.
-    pub async fn wait_assigned(&self, handle: HandleId, wait: Duration) -> Result<HandleView, PoolError> {
-        match self.inner.slot.call(|reply| PoolMsg::WaitAssigned { handle, reply }, wait).await {
-            Ok(r) => r,
-            Err(CallError::Timeout(_)) => self.handle_status(handle).await,
-            Err(e) => Err(e.into()),
-        }
-    }
-
-    pub fn report(&self, r: DriverReport) {
-        if !self.inner.slot.cast(PoolMsg::Report(r)) {
-            tracing::debug!(pool = %self.inner.name, "driver report dropped: pool manager not running");
-        }
-    }
-
-    /// Fault injection (tests): make the pool manager panic.
-    #[doc(hidden)]
-    pub fn inject_crash(&self) {
-        self.inner.slot.cast(PoolMsg::Crash);
-    }
-
-    /// Fault injection (tests): make the session of `vm` panic.
-    #[doc(hidden)]
-    pub fn inject_session_crash(&self, vm: VmId) {
-        self.inner.slot.cast(PoolMsg::CrashSession(vm));
-    }
-
-    /// Counts of this pool's VMs by state (for dashboards and tests).
-    pub async fn vm_states(&self) -> Result<HashMap<VmState, usize>, PoolError> {
-        let mut m = HashMap::new();
-        for v in self.status().await?.vms {
-            *m.entry(v.state).or_default() += 1;
-        }
-        Ok(m)
-    }
 }
