@@ -45,6 +45,8 @@ pub struct HiveConfig {
 pub struct PoolConfig {
     /// Largest `max` a client may set; larger values are clamped and the clamp reported.
     pub max_cap: u32,
+    /// Largest batch size a client may prepare.
+    pub max_batch: u32,
     pub timeouts_ms: Timeouts,
     pub boot_backoff_ms: u64,
     pub boot_backoff_max_ms: u64,
@@ -104,6 +106,7 @@ impl Default for PoolConfig {
         let rules = PoolRules::default();
         PoolConfig {
             max_cap: rules.max_cap,
+            max_batch: rules.max_batch,
             timeouts_ms: rules.timeouts,
             boot_backoff_ms: rules.boot_backoff,
             boot_backoff_max_ms: rules.boot_backoff_max,
@@ -211,6 +214,7 @@ impl HiveConfig {
         PoolRules {
             timeouts: self.pool.timeouts_ms,
             max_cap: self.pool.max_cap,
+            max_batch: self.pool.max_batch,
             boot_backoff: self.pool.boot_backoff_ms,
             boot_backoff_max: self.pool.boot_backoff_max_ms,
         }

@@ -2,8 +2,10 @@
 //! their reserved capacity, so placement ("which node gets this VM?") is decided in one place
 //! without locks; a `NodeActor` per node owns its hypervisor connection and health checks and
 //! reports to the registry. The registry supervises its node actors (restart, then escalate).
+//! Reservations are keyed by the VM that holds them (`VmKey`), so placing, re-claiming after a
+//! restart and freeing are idempotent: capacity is never counted or released twice.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,7 +13,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent
 use serde::Serialize;
 
 use super::{CallError, RestartLog, RestartPolicy, Slot};
-use crate::domain::NodeId;
+use crate::domain::{NodeId, VmId};
 use crate::drivers::{Hypervisor, VmSpec};
 use crate::metrics;
 
@@ -61,6 +63,13 @@ pub struct NodeSpec {
     pub driver: Arc<dyn Hypervisor>,
 }
 
+/// The holder of a reservation: one VM of one pool.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct VmKey {
+    pub pool: String,
+    pub vm: VmId,
+}
+
 /// A placed VM: where it went and how to reach that node's hypervisor.
 #[derive(Clone)]
 pub struct Placed {
@@ -75,7 +84,7 @@ struct Entry {
     used_cores: u32,
     used_ram_mb: u64,
     used_disk_mb: u64,
-    vms: u32,
+    held: HashMap<VmKey, VmSpec>,
     actor: Option<ActorRef<NodeMsg>>,
 }
 
@@ -93,7 +102,7 @@ impl Entry {
             used_cores: self.used_cores,
             used_ram_mb: self.used_ram_mb,
             used_disk_mb: self.used_disk_mb,
-            vms: self.vms,
+            vms: self.held.len() as u32,
         }
     }
 
@@ -108,10 +117,12 @@ impl Entry {
 pub enum RegistryMsg {
     Register(NodeSpec, RpcReplyPort<()>),
     /// Choose a node for the VM and reserve its resources there.
-    Place(VmSpec, RpcReplyPort<Result<Placed, NodeError>>),
-    /// Re-reserve resources of a VM that already runs on `node` (after a restart).
-    Claim(NodeId, VmSpec, RpcReplyPort<Result<Placed, NodeError>>),
-    Free(NodeId, VmSpec),
+    Place(VmKey, VmSpec, RpcReplyPort<Result<Placed, NodeError>>),
+    /// Reserve resources of a VM that already runs on `node` (after a restart); a no-op if
+    /// that VM already holds them there.
+    Claim(NodeId, VmKey, VmSpec, RpcReplyPort<Result<Placed, NodeError>>),
+    /// Release whatever the VM holds, wherever it holds it.
+    Free(VmKey),
     List(RpcReplyPort<Vec<NodeView>>),
     Driver(NodeId, RpcReplyPort<Result<Arc<dyn Hypervisor>, NodeError>>),
     Health(NodeId, bool),
@@ -146,12 +157,21 @@ impl Actor for NodeRegistry {
                 let actor = spawn_node(&me, &spec, st.health_interval).await?;
                 st.nodes.insert(
                     id,
-                    Entry { spec, state: NodeState::Ready, used_cores: 0, used_ram_mb: 0, used_disk_mb: 0, vms: 0, actor: Some(actor) },
+                    Entry {
+                        spec,
+                        state: NodeState::Ready,
+                        used_cores: 0,
+                        used_ram_mb: 0,
+                        used_disk_mb: 0,
+                        held: HashMap::new(),
+                        actor: Some(actor),
+                    },
                 );
                 publish(st);
                 let _ = reply.send(());
             }
-            RegistryMsg::Place(vm, reply) => {
+            RegistryMsg::Place(key, vm, reply) => {
+                release_everywhere(st, &key);
                 // Most free RAM first; ties go to the lower id. (Filters and weighers with a
                 // random pick among the top few arrive with real nodes.)
                 let best = st
@@ -160,27 +180,25 @@ impl Actor for NodeRegistry {
                     .filter(|e| e.fits(&vm))
                     .max_by_key(|e| (e.spec.ram_mb - e.used_ram_mb, std::cmp::Reverse(e.spec.id)));
                 let r = match best {
-                    Some(e) => Ok(reserve(e, &vm)),
+                    Some(e) => Ok(reserve(e, key, &vm)),
                     None => Err(NodeError::NoCapacity { cores: vm.cores, ram_mb: vm.ram_mb }),
                 };
                 publish(st);
                 let _ = reply.send(r);
             }
-            RegistryMsg::Claim(node, vm, reply) => {
+            RegistryMsg::Claim(node, key, vm, reply) => {
+                if !st.nodes.get(&node).is_some_and(|e| e.held.contains_key(&key)) {
+                    release_everywhere(st, &key);
+                }
                 let r = match st.nodes.get_mut(&node) {
-                    Some(e) => Ok(reserve(e, &vm)),
+                    Some(e) => Ok(reserve(e, key, &vm)),
                     None => Err(NodeError::UnknownNode(node)),
                 };
                 publish(st);
                 let _ = reply.send(r);
             }
-            RegistryMsg::Free(node, vm) => {
-                if let Some(e) = st.nodes.get_mut(&node) {
-                    e.used_cores = e.used_cores.saturating_sub(vm.cores);
-                    e.used_ram_mb = e.used_ram_mb.saturating_sub(vm.ram_mb);
-                    e.used_disk_mb = e.used_disk_mb.saturating_sub(vm.disk_mb);
-                    e.vms = e.vms.saturating_sub(1);
-                }
+            RegistryMsg::Free(key) => {
+                release_everywhere(st, &key);
                 publish(st);
             }
             RegistryMsg::List(reply) => {
@@ -221,12 +239,24 @@ impl Actor for NodeRegistry {
     }
 }
 
-fn reserve(e: &mut Entry, vm: &VmSpec) -> Placed {
-    e.used_cores += vm.cores;
-    e.used_ram_mb += vm.ram_mb;
-    e.used_disk_mb += vm.disk_mb;
-    e.vms += 1;
+fn reserve(e: &mut Entry, key: VmKey, vm: &VmSpec) -> Placed {
+    if !e.held.contains_key(&key) {
+        e.used_cores += vm.cores;
+        e.used_ram_mb += vm.ram_mb;
+        e.used_disk_mb += vm.disk_mb;
+        e.held.insert(key, vm.clone());
+    }
     Placed { node: e.spec.id, address: e.spec.address.clone(), driver: e.spec.driver.clone() }
+}
+
+fn release_everywhere(st: &mut RegistryState, key: &VmKey) {
+    for e in st.nodes.values_mut() {
+        if let Some(vm) = e.held.remove(key) {
+            e.used_cores = e.used_cores.saturating_sub(vm.cores);
+            e.used_ram_mb = e.used_ram_mb.saturating_sub(vm.ram_mb);
+            e.used_disk_mb = e.used_disk_mb.saturating_sub(vm.disk_mb);
+        }
+    }
 }
 
 fn publish(st: &RegistryState) {
@@ -317,16 +347,16 @@ impl NodeRegistryHandle {
         Ok(self.slot.call(|r| RegistryMsg::Register(spec.clone(), r), self.timeout).await?)
     }
 
-    pub async fn place(&self, vm: &VmSpec) -> Result<Placed, NodeError> {
-        self.slot.call(|r| RegistryMsg::Place(vm.clone(), r), self.timeout).await?
+    pub async fn place(&self, key: &VmKey, vm: &VmSpec) -> Result<Placed, NodeError> {
+        self.slot.call(|r| RegistryMsg::Place(key.clone(), vm.clone(), r), self.timeout).await?
     }
 
-    pub async fn claim(&self, node: NodeId, vm: &VmSpec) -> Result<Placed, NodeError> {
-        self.slot.call(|r| RegistryMsg::Claim(node, vm.clone(), r), self.timeout).await?
+    pub async fn claim(&self, node: NodeId, key: &VmKey, vm: &VmSpec) -> Result<Placed, NodeError> {
+        self.slot.call(|r| RegistryMsg::Claim(node, key.clone(), vm.clone(), r), self.timeout).await?
     }
 
-    pub fn free(&self, node: NodeId, vm: &VmSpec) {
-        self.slot.cast(RegistryMsg::Free(node, vm.clone()));
+    pub fn free(&self, key: &VmKey) {
+        self.slot.cast(RegistryMsg::Free(key.clone()));
     }
 
     pub async fn list(&self) -> Result<Vec<NodeView>, NodeError> {

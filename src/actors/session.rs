@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 
-use super::node::NodeRegistryHandle;
+use super::node::{NodeRegistryHandle, VmKey};
 use super::pool::{DriverReport, PoolHandle};
 use crate::domain::VmId;
 use crate::domain::vm::{Placement, VmAddress};
@@ -55,6 +55,7 @@ pub struct SessionArgs {
 
 pub struct SessionState {
     args: SessionArgs,
+    key: VmKey,
     driver: Option<Arc<dyn Hypervisor>>,
     pinging: bool,
     killing: bool,
@@ -75,7 +76,8 @@ impl Actor for SessionActor {
 
     async fn pre_start(&self, me: ActorRef<SessionMsg>, args: SessionArgs) -> Result<SessionState, ActorProcessingErr> {
         me.send_interval(args.ping_interval, || SessionMsg::PingTick);
-        let mut st = SessionState { args, driver: None, pinging: false, killing: false };
+        let key = VmKey { pool: args.pool.name().to_string(), vm: args.vm };
+        let mut st = SessionState { args, key, driver: None, pinging: false, killing: false };
         if let Some(p) = &st.args.placement {
             // Re-attach to a VM that already runs (the pool claimed its capacity on restore).
             match st.args.nodes.driver(p.node).await {
@@ -92,7 +94,7 @@ impl Actor for SessionActor {
             SessionMsg::Boot { op } => {
                 let (pool, nodes, spec, timeout) =
                     (st.args.pool.clone(), st.args.nodes.clone(), st.args.spec.clone(), st.args.boot_timeout);
-                tokio::spawn(boot(me, vm, op, pool, nodes, spec, timeout));
+                tokio::spawn(boot(me, st.key.clone(), op, pool, nodes, spec, timeout));
             }
             SessionMsg::Placed { placement, driver } => {
                 st.args.placement = Some(placement);
@@ -133,8 +135,9 @@ impl Actor for SessionActor {
                 if st.args.placement.is_some() {
                     destroy(&me, st);
                 } else {
-                    // Not placed yet: the boot task will report `Placed`, then we destroy. If it
-                    // never places the VM, there is nothing to destroy.
+                    // Not placed yet. If the boot task still creates the domain, its `Created`
+                    // report reaches a pool that no longer has the VM, and the pool's rules
+                    // destroy it (`Effect::Destroy`), freeing its reservation.
                     me.stop(None);
                 }
             }
@@ -161,19 +164,32 @@ impl Actor for SessionActor {
 }
 
 fn destroy(me: &ActorRef<SessionMsg>, st: &mut SessionState) {
-    let (Some(placement), Some(driver)) = (st.args.placement.clone(), st.driver.clone()) else {
+    let Some(placement) = st.args.placement.take() else {
         me.stop(None);
         return;
     };
-    let (nodes, spec, vm, me) = (st.args.nodes.clone(), st.args.spec.clone(), st.args.vm, me.clone());
-    // Only one destroy per session.
-    st.args.placement = None;
+    // Only one destroy per session: the placement is taken.
+    let (nodes, key, driver, me) = (st.args.nodes.clone(), st.key.clone(), st.driver.clone(), me.clone());
     tokio::spawn(async move {
-        let r = driver.destroy(&placement.domain).await;
-        log_failure(vm, "destroy", &r);
-        nodes.free(placement.node, &spec);
+        destroy_domain(&nodes, &key, &placement, driver).await;
         let _ = me.cast(SessionMsg::Destroyed);
     });
+}
+
+/// Destroy a domain and free what its VM reserved. Without a driver at hand (a session that
+/// could not re-attach), the node registry is asked for one.
+pub(crate) async fn destroy_domain(nodes: &NodeRegistryHandle, key: &VmKey, placement: &Placement, driver: Option<Arc<dyn Hypervisor>>) {
+    let driver = match driver {
+        Some(d) => Some(d),
+        None => nodes.driver(placement.node).await.ok(),
+    };
+    match driver {
+        Some(d) => log_failure(key.vm, "destroy", &d.destroy(&placement.domain).await),
+        None => {
+            tracing::warn!(vm = key.vm, node.id = placement.node, domain = %placement.domain, "cannot reach the node to destroy a domain")
+        }
+    }
+    nodes.free(key);
 }
 
 fn log_failure<T>(vm: VmId, what: &str, r: &Result<T, DriverError>) {
@@ -182,8 +198,9 @@ fn log_failure<T>(vm: VmId, what: &str, r: &Result<T, DriverError>) {
     }
 }
 
-async fn boot(me: ActorRef<SessionMsg>, vm: VmId, op: u64, pool: PoolHandle, nodes: NodeRegistryHandle, spec: VmSpec, timeout: Duration) {
-    let placed = match nodes.place(&spec).await {
+async fn boot(me: ActorRef<SessionMsg>, key: VmKey, op: u64, pool: PoolHandle, nodes: NodeRegistryHandle, spec: VmSpec, timeout: Duration) {
+    let vm = key.vm;
+    let placed = match nodes.place(&key, &spec).await {
         Ok(p) => p,
         Err(e) => {
             tracing::warn!(vm, error = %e, "no node for a new VM");
@@ -194,7 +211,7 @@ async fn boot(me: ActorRef<SessionMsg>, vm: VmId, op: u64, pool: PoolHandle, nod
         Ok(d) => d,
         Err(e) => {
             tracing::warn!(vm, node.id = placed.node, error = %e, "create failed");
-            nodes.free(placed.node, &spec);
+            nodes.free(&key);
             return pool.report(DriverReport::BootFailed { vm, op, placement: None });
         }
     };

@@ -56,8 +56,17 @@ pub struct SupervisorArgs {
 }
 
 pub enum HiveMsg {
-    CreatePool { name: String, size: PoolSize, reply: RpcReplyPort<Result<PoolHandle, PoolError>> },
-    DeletePool { name: String, reply: RpcReplyPort<Result<(), PoolError>> },
+    CreatePool {
+        name: String,
+        size: PoolSize,
+        reply: RpcReplyPort<Result<PoolHandle, PoolError>>,
+    },
+    DeletePool {
+        name: String,
+        reply: RpcReplyPort<Result<(), PoolError>>,
+    },
+    /// Try again to start a pool manager whose restart failed (e.g. the store was busy).
+    RestartPool(String),
 }
 
 pub struct HiveSupervisor;
@@ -99,6 +108,13 @@ impl Actor for HiveSupervisor {
                 let r = delete_pool(st, &name).await;
                 let _ = reply.send(r);
             }
+            HiveMsg::RestartPool(name) => {
+                let Ok(pool) = st.args.pools.get(&name) else { return Ok(()) };
+                if pool.slot().get().is_some() {
+                    return Ok(());
+                }
+                restart_pool(&me, st, pool).await?;
+            }
         }
         Ok(())
     }
@@ -129,10 +145,7 @@ impl Actor for HiveSupervisor {
             metrics::actor_restart("pool_manager");
             tracing::error!(pool = %pool.name(), error = %err, "pool manager failed; restarting from the store");
             pool.slot().set(None);
-            if !st.restarts.allow(&format!("pool-{}", pool.name()), st.args.template.restart) {
-                return Err(format!("pool {} failed too often; giving up", pool.name()).into());
-            }
-            start_pool(&me, &st.args, pool).await?;
+            restart_pool(&me, st, pool).await?;
         }
         Ok(())
     }
@@ -156,6 +169,21 @@ async fn reconcile(nodes: &[NodeSpec], stored: &[crate::store::StoredPool]) {
             }
         }
     }
+}
+
+/// Restart a failed pool manager within the restart policy. A start that fails (its state could
+/// not be loaded) counts as another failure and is retried a second later; past the policy the
+/// supervisor gives up, which stops the hive.
+async fn restart_pool(me: &ActorRef<HiveMsg>, st: &mut HiveState, pool: PoolHandle) -> Result<(), ActorProcessingErr> {
+    if !st.restarts.allow(&format!("pool-{}", pool.name()), st.args.template.restart) {
+        return Err(format!("pool {} failed too often; giving up", pool.name()).into());
+    }
+    if let Err(e) = start_pool(me, &st.args, pool.clone()).await {
+        tracing::error!(pool = %pool.name(), error = %e, "pool manager did not start; retrying in 1 s");
+        let name = pool.name().to_string();
+        me.send_after(Duration::from_secs(1), move || HiveMsg::RestartPool(name));
+    }
+    Ok(())
 }
 
 async fn start_registry(me: &ActorRef<HiveMsg>, args: &SupervisorArgs) -> Result<(), ActorProcessingErr> {

@@ -70,7 +70,7 @@ impl<'a> From<&'a Batch> for WireBatch<'a> {
 struct WireHandle {
     handle: u64,
     assigned: bool,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    /// `null` until assigned.
     vmid: Option<u64>,
 }
 
@@ -148,7 +148,8 @@ pub async fn set_pool_size(hive: Hive, min: String, max: String, linger: String)
     let r = default_pool(&hive)?.set_size(min, max, linger).await?;
     let mut resp = reply::empty();
     if let Some(asked) = r.clamped_from {
-        let warning = format!("299 hive \"max clamped from {asked} to {} (pool.max_cap)\"", r.size.max);
+        let lowered = if r.size.min < min { format!("; min lowered from {min} to {}", r.size.min) } else { String::new() };
+        let warning = format!("299 hive \"max clamped from {asked} to {} (pool.max_cap){lowered}\"", r.size.max);
         if let Ok(v) = warning.parse() {
             resp.headers_mut().insert("warning", v);
         }
@@ -206,8 +207,12 @@ pub async fn last_event_id(hive: Hive, handle: String) -> ApiResult {
 pub async fn fetch_events(hive: Hive, handle: String, last: String) -> ApiResult {
     let handle = uint("handle", &handle)?;
     let last: i64 = last.parse().map_err(|_| ApiError::bad("lastid", format!("must be an integer (got {last:?})")))?;
-    let (last_id, events) = default_pool(&hive)?.events().fetch(handle, last, LONG_POLL).await.ok_or_else(invalid_handle)?;
-    Ok(reply::json(&json!({"lastId": last_id, "newEvents": events})))
+    // An unknown handle gets the original's answer: the spec keeps it, and clients test
+    // `data.error` on a 200.
+    match default_pool(&hive)?.events().fetch(handle, last, LONG_POLL).await {
+        Some((last_id, events)) => Ok(reply::json(&json!({"lastId": last_id, "newEvents": events}))),
+        None => Ok(reply::json(&json!({"error": "Invalid handle"}))),
+    }
 }
 
 fn invalid_handle() -> ApiError {

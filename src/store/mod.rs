@@ -35,6 +35,8 @@ pub enum StoreError {
     Migrate(String),
     #[error("store writer has stopped")]
     WriterGone,
+    #[error("not written: an earlier change it depends on failed")]
+    Fenced,
 }
 
 impl From<sqlx::Error> for StoreError {

@@ -6,10 +6,15 @@
 //! Guarantees: requests are applied in submission order; every callback runs exactly once (with
 //! `WriterGone` if the task has stopped); if a group fails on a statement (`StoreError::Query`),
 //! its requests are retried one by one, in order, so one bad request does not fail its neighbours.
+//!
+//! Fences: a writer of several requests in a row (a pool manager) passes the same `Fence` with
+//! each. The first failure sets it, and every later request carrying it is answered `Fenced`
+//! without touching the database, so nothing built on a lost change is ever committed.
 
 use std::ops::Range;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use tokio::sync::{mpsc, oneshot};
 
@@ -20,6 +25,9 @@ const MAX_GROUP: usize = 512;
 
 /// Runs on the writer task once the request's changes are committed (or have failed).
 pub type Done = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
+
+/// Shared by a sequence of requests that build on each other; set by the first failure.
+pub type Fence = Arc<AtomicBool>;
 
 /// Cloneable handle to the writer task. The task ends when the last handle is dropped, after
 /// answering everything already submitted.
@@ -42,7 +50,13 @@ impl StoreWriter {
     pub fn submit(&self, changes: Vec<Change>, done: Box<dyn FnOnce(Result<(), StoreError>) + Send>) {
         // If the task has stopped, the request comes back inside the error and dropping it
         // answers `WriterGone`.
-        let _ = self.tx.send(Request { changes, done: Some(done) });
+        let _ = self.tx.send(Request { changes, fence: None, done: Some(done) });
+    }
+
+    /// Like `submit`, for one of a sequence of dependent requests sharing `fence`: once any of
+    /// them fails, the fence is set and the rest are answered `Fenced`, unapplied.
+    pub fn submit_fenced(&self, changes: Vec<Change>, fence: Fence, done: Done) {
+        let _ = self.tx.send(Request { changes, fence: Some(fence), done: Some(done) });
     }
 
     /// Submit and wait until the changes are durable.
@@ -64,11 +78,21 @@ impl StoreWriter {
 
 struct Request {
     changes: Vec<Change>,
+    fence: Option<Fence>,
     done: Option<Done>,
 }
 
 impl Request {
+    fn fenced(&self) -> bool {
+        self.fence.as_ref().is_some_and(|f| f.load(Ordering::SeqCst))
+    }
+
     fn answer(mut self, result: Result<(), StoreError>) {
+        if result.is_err() {
+            if let Some(f) = &self.fence {
+                f.store(true, Ordering::SeqCst);
+            }
+        }
         if let Some(done) = self.done.take() {
             call(done, result);
         }
@@ -103,6 +127,10 @@ async fn commit(store: &dyn Store, group: &mut Vec<Request>) {
     let mut all = Vec::new();
     let mut parts: Vec<(Range<usize>, Request)> = Vec::with_capacity(group.len());
     for mut req in group.drain(..) {
+        if req.fenced() {
+            req.answer(Err(StoreError::Fenced));
+            continue;
+        }
         let start = all.len();
         all.append(&mut req.changes);
         parts.push((start..all.len(), req));
@@ -116,6 +144,10 @@ async fn commit(store: &dyn Store, group: &mut Vec<Request>) {
         Err(StoreError::Query(e)) if parts.len() > 1 => {
             tracing::warn!(requests = parts.len(), error = %e, "group commit failed; applying requests one by one");
             for (range, req) in parts {
+                if req.fenced() {
+                    req.answer(Err(StoreError::Fenced));
+                    continue;
+                }
                 let result = store.apply(&all[range]).await;
                 req.answer(result);
             }
@@ -255,6 +287,32 @@ mod tests {
         assert_eq!(store.applies.load(Ordering::SeqCst), 4, "one group commit, then three retries");
         assert_eq!(vm_ids(store.as_ref(), "p").await, vec![1]);
         assert!(store.load_pools().await.expect("load").iter().all(|p| p.name != "nope"));
+    }
+
+    #[tokio::test]
+    async fn after_a_fenced_failure_the_rest_of_the_sequence_is_not_written() {
+        let (_dir, store) = counting_store().await;
+        let writer = StoreWriter::spawn(store.clone());
+        writer.write(vec![pool("p")]).await.unwrap();
+        let fence = Fence::default();
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        for changes in [vec![vm("nope", 1)], vec![vm("p", 2)], vec![]] {
+            let tx = tx.clone();
+            writer.submit_fenced(
+                changes,
+                fence.clone(),
+                Box::new(move |r| {
+                    let _ = tx.send(r);
+                }),
+            );
+        }
+        assert!(matches!(rx.recv().await, Some(Err(StoreError::Query(_)))));
+        assert_eq!(rx.recv().await, Some(Err(StoreError::Fenced)), "built on the failed change: not written");
+        assert_eq!(rx.recv().await, Some(Err(StoreError::Fenced)), "even an empty barrier is refused");
+        assert!(vm_ids(store.as_ref(), "p").await.is_empty());
+        // Requests without that fence still go through.
+        writer.write(vec![vm("p", 3)]).await.unwrap();
+        assert_eq!(vm_ids(store.as_ref(), "p").await, vec![3]);
     }
 
     struct Panicking;

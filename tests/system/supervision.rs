@@ -52,6 +52,8 @@ async fn a_panicking_pool_manager_is_rebuilt_from_the_store() {
     })
     .await;
     let after = app.all_status().await;
+    let used: u32 = app.hive.nodes().await.unwrap().iter().map(|n| n.vms).sum();
+    assert_eq!(used as usize, after["vms"].as_array().unwrap().len(), "capacity claimed once per VM, not again on restart");
     assert_eq!(after["handles"], before["handles"]);
     assert_eq!(after["pendingLocks"], before["pendingLocks"]);
     assert_eq!(after["batches"], before["batches"]);

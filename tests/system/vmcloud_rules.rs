@@ -225,3 +225,25 @@ async fn long_poll_wakes_on_a_new_event() {
     assert_eq!(app.get(&format!("/last-event-id/{h}")).await.text().await.unwrap(), "0");
     app.stop().await;
 }
+
+#[tokio::test]
+async fn success_bodies_match_the_original_byte_for_byte() {
+    let app = TestApp::spawn().await;
+    assert_eq!(app.post_ok("/set-pool-size/0/0/60000").await, "");
+    assert_eq!(app.post_ok("/prepare-batch/1/h").await, "1");
+    assert_eq!(app.post_ok("/lock/1").await, "1");
+    assert_eq!(app.get("/handle-status/1").await.text().await.unwrap(), r#"{"assigned":false}"#);
+    assert_eq!(
+        app.get("/all-status").await.text().await.unwrap(),
+        concat!(
+            r#"{"vms":[],"batches":[{"id":1,"size":0,"data":{"profile_name":"batch-1","home_page":"h"},"vms":[],"markDelete":false}],"#,
+            r#""preps":[1],"handles":[{"handle":1,"assigned":false,"vmid":null}],"pendingLocks":[{"batchId":1,"handle":1}],"#,
+            r#""poolSize":{"min":0,"max":0,"linger":60000}}"#
+        )
+    );
+    assert_eq!(app.get("/last-event-id/1").await.text().await.unwrap(), "-1");
+    assert_eq!(app.post_ok("/renew-expire/1/60000").await, "{}");
+    assert_eq!(app.post_ok("/cancel-batch/1").await, "");
+    assert_eq!(app.post_ok("/release/1").await, "");
+    app.stop().await;
+}

@@ -13,8 +13,8 @@ use ractor::concurrency::JoinHandle;
 use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 use serde_json::json;
 
-use crate::actors::node::NodeRegistryHandle;
-use crate::actors::session::{SessionActor, SessionArgs, SessionMsg};
+use crate::actors::node::{NodeRegistryHandle, VmKey};
+use crate::actors::session::{SessionActor, SessionArgs, SessionMsg, destroy_domain};
 use crate::actors::{CallError, Clock, RestartLog, RestartPolicy};
 mod handle;
 
@@ -25,6 +25,7 @@ use crate::domain::vm::{Placement, Vm, VmAddress};
 use crate::domain::{BatchId, HandleId, Millis, VmId};
 use crate::drivers::{PrepareSpec, VmSpec};
 use crate::metrics;
+use crate::store::writer::Fence;
 use crate::store::{Change, StoreError, StoreWriter};
 
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -144,6 +145,9 @@ pub struct PoolManagerState {
     written_row: Option<Change>,
     /// Replies and notices that may leave only once the current changes are durable.
     after_commit: Vec<Box<dyn FnOnce() + Send>>,
+    /// Set by the writer when a commit of this incarnation fails: later ones are not written
+    /// and their replies never sent; the supervisor rebuilds the pool from the store.
+    fence: Fence,
 }
 
 impl Actor for PoolManager {
@@ -167,6 +171,7 @@ impl Actor for PoolManager {
             timer: None,
             written_row: None,
             after_commit: Vec::new(),
+            fence: Fence::default(),
         };
         for h in st.pool.handles() {
             st.args.handle.events().open(h.id);
@@ -174,7 +179,7 @@ impl Actor for PoolManager {
         // Re-attach to every VM that exists somewhere: claim its capacity, give it a session.
         let placed: Vec<(VmId, Placement)> = st.pool.vms().filter_map(|v| Some((v.id, v.placement.clone()?))).collect();
         for (vm, p) in placed {
-            if let Err(e) = st.args.nodes.claim(p.node, &st.args.vm_spec).await {
+            if let Err(e) = st.args.nodes.claim(p.node, &key(&st.args, vm), &st.args.vm_spec).await {
                 tracing::warn!(pool = %name, vm, node.id = p.node, error = %e, "cannot re-claim capacity");
             }
             spawn_session(&me, &mut st, vm, Some(p)).await?;
@@ -200,15 +205,17 @@ impl Actor for PoolManager {
                 return settle(&me, st, r.map_err(Into::into), reply).await;
             }
             PoolMsg::PrepareBatch { size, home_page, reply } => {
-                let id = pool.prepare_batch(size, home_page, now);
-                return settle(&me, st, Ok(id), reply).await;
+                let r = pool.prepare_batch(size, home_page, now);
+                return settle(&me, st, r.map_err(Into::into), reply).await;
             }
             PoolMsg::Lock { batch, reply } => {
                 let r = pool.lock(batch, now);
                 if let Ok(h) = r {
                     metrics::lock(st.args.handle.name());
-                    st.args.handle.events().open(h);
                     st.locked_at.insert(h, tokio::time::Instant::now());
+                    // The handle's event window appears only once the handle is durable.
+                    let events = st.args.handle.events().clone();
+                    st.after_commit.push(Box::new(move || events.open(h)));
                 }
                 return settle(&me, st, r.map_err(Into::into), reply).await;
             }
@@ -261,11 +268,12 @@ impl Actor for PoolManager {
                 apply(&me, st).await?;
             }
             PoolMsg::Reclaim => {
-                let placed: Vec<Placement> = pool.vms().filter_map(|v| v.placement.clone()).collect();
+                let placed: Vec<(VmKey, Placement)> =
+                    pool.vms().filter_map(|v| Some((key(&st.args, v.id), v.placement.clone()?))).collect();
                 let (nodes, spec) = (st.args.nodes.clone(), st.args.vm_spec.clone());
                 tokio::spawn(async move {
-                    for p in placed {
-                        if let Err(e) = nodes.claim(p.node, &spec).await {
+                    for (k, p) in placed {
+                        if let Err(e) = nodes.claim(p.node, &k, &spec).await {
                             tracing::warn!(node.id = p.node, error = %e, "cannot re-claim capacity");
                         }
                     }
@@ -350,8 +358,9 @@ async fn apply(me: &ActorRef<PoolMsg>, st: &mut PoolManagerState) -> Result<(), 
         metrics::vms(st.args.handle.name(), st.pool.vms().map(|v| v.state));
         let me = me.clone();
         let handle = (!changes.is_empty()).then(|| st.args.handle.clone());
-        st.args.writer.submit(
+        st.args.writer.submit_fenced(
             changes,
+            st.fence.clone(),
             Box::new(move |r: Result<(), StoreError>| match r {
                 Ok(()) => {
                     notices.into_iter().for_each(|n| n());
@@ -392,16 +401,16 @@ async fn run_effect(me: &ActorRef<PoolMsg>, st: &mut PoolManagerState, effect: E
             }
             None => {
                 if let Some(p) = placement {
-                    let (nodes, spec) = (st.args.nodes.clone(), st.args.vm_spec.clone());
-                    tokio::spawn(async move {
-                        if let Ok(d) = nodes.driver(p.node).await {
-                            let _ = d.destroy(&p.domain).await;
-                        }
-                        nodes.free(p.node, &spec);
-                    });
+                    let (nodes, k) = (st.args.nodes.clone(), key(&st.args, vm));
+                    tokio::spawn(async move { destroy_domain(&nodes, &k, &p, None).await });
                 }
             }
         },
+        Effect::Destroy { vm, placement } => {
+            tracing::info!(pool = %pool_name, vm, domain = %placement.domain, "destroying a domain made for a VM no longer in the pool");
+            let (nodes, k) = (st.args.nodes.clone(), key(&st.args, vm));
+            tokio::spawn(async move { destroy_domain(&nodes, &k, &placement, None).await });
+        }
         Effect::Assigned { handle, vm, locked_at } => {
             let events = st.args.handle.events().clone();
             let waiters = st.waiters.remove(&handle).unwrap_or_default();
@@ -498,6 +507,10 @@ fn reschedule(me: &ActorRef<PoolMsg>, st: &mut PoolManagerState) {
         });
         st.timer = Some((at, t));
     }
+}
+
+fn key(args: &PoolArgs, vm: VmId) -> VmKey {
+    VmKey { pool: args.handle.name().to_string(), vm }
 }
 
 async fn spawn_session(

@@ -53,6 +53,8 @@ pub struct PoolRules {
     pub timeouts: Timeouts,
     /// Largest `max` a client may ask for; larger requests are clamped and the clamp reported.
     pub max_cap: u32,
+    /// Largest batch a client may prepare (the queue holds one entry per VM to prepare).
+    pub max_batch: u32,
     /// After a boot fails, wait this long (doubling per failure, up to `boot_backoff_max`)
     /// before booting again, so an unavailable hypervisor is not hammered in a tight loop.
     pub boot_backoff: Millis,
@@ -61,7 +63,7 @@ pub struct PoolRules {
 
 impl Default for PoolRules {
     fn default() -> Self {
-        PoolRules { timeouts: Timeouts::default(), max_cap: 30, boot_backoff: 500, boot_backoff_max: 30_000 }
+        PoolRules { timeouts: Timeouts::default(), max_cap: 30, max_batch: 1000, boot_backoff: 500, boot_backoff_max: 30_000 }
     }
 }
 
@@ -122,6 +124,12 @@ pub enum Effect {
     Kill {
         vm: VmId,
         placement: Option<Placement>,
+    },
+    /// A domain exists that no VM of the pool refers to (created for a VM killed meanwhile):
+    /// destroy it. The VM's session, if any, is not touched.
+    Destroy {
+        vm: VmId,
+        placement: Placement,
     },
     Assigned {
         handle: HandleId,
@@ -231,7 +239,16 @@ impl PoolState {
         s.next_batch = snap.next_batch.max(1);
         s.next_handle = snap.next_handle.max(1);
         s.preps = snap.preps.into();
-        s.pending = snap.pending.into();
+        // A pending lock is kept only with its pending handle (a store written by an older or
+        // interrupted hive must not make the rules trip over a dangling reference).
+        let pending_handles: BTreeMap<HandleId, BatchId> =
+            snap.handles.iter().filter(|h| h.vm.is_none()).map(|h| (h.id, h.batch)).collect();
+        s.pending = snap.pending.into_iter().filter(|p| pending_handles.get(&p.handle) == Some(&p.batch)).collect();
+        for (h, b) in &pending_handles {
+            if !s.pending.iter().any(|p| p.handle == *h) {
+                s.pending.push_back(PendingLock { batch: *b, handle: *h });
+            }
+        }
         s.batches = snap.batches.into_iter().map(|b| (b.id, b)).collect();
         s.handles = snap.handles.into_iter().map(|h| (h.id, h)).collect();
         for mut vm in snap.vms {
@@ -316,14 +333,20 @@ impl PoolState {
         Ok(Resized { size: self.size, clamped_from })
     }
 
-    pub fn prepare_batch(&mut self, size: u32, home_page: String, now: Millis) -> BatchId {
+    pub fn prepare_batch(&mut self, size: u32, home_page: String, now: Millis) -> Result<BatchId, PoolInputError> {
+        if size > self.rules.max_batch {
+            return Err(PoolInputError::Invalid {
+                field: "size",
+                reason: format!("{size} is above the largest batch ({})", self.rules.max_batch),
+            });
+        }
         let id = self.next_batch;
         self.next_batch += 1;
         let batch = Batch { id, size, profile_name: format!("batch-{id}"), home_page, vms: Vec::new(), mark_delete: false };
         self.batches.insert(id, batch);
         self.dirty.batches.insert(id);
         self.run(now);
-        id
+        Ok(id)
     }
 
     /// Never fails for an existing batch (even a cancelled one not yet removed).
@@ -412,6 +435,7 @@ impl PoolState {
         if now < self.boot_not_before {
             return false;
         }
+
         let id = self.next_vm;
         self.next_vm += 1;
         let op = self.new_op();

@@ -1,19 +1,29 @@
 //! Results of the shell's work (driver reports, pings, timer ticks) fed back into the machine.
 //! Each carries the operation number the rules handed out; a stale result changes nothing.
 
-use super::PoolState;
+use super::{Effect, PoolState};
 use crate::domain::vm::{Placement, VmAddress, VmState};
 use crate::domain::{Millis, VmId};
 
 impl PoolState {
-    /// The hypervisor accepted the VM: CREATING → BOOTING.
+    /// The hypervisor accepted the VM: CREATING → BOOTING. A domain created for a VM that is
+    /// no longer in the pool (killed while creating, or lost in a restart) is destroyed.
     pub fn created(&mut self, vm: VmId, op: u64, placement: Placement, now: Millis) {
         if let Some(v) = self.vm_in(vm, op, VmState::Creating) {
             v.placement = Some(placement);
             v.enter(VmState::Booting, now);
             self.dirty.vms.insert(vm);
+        } else {
+            self.destroy_stray(vm, placement);
         }
         self.run(now);
+    }
+
+    /// A domain that a driver task made but no VM of the pool refers to.
+    fn destroy_stray(&mut self, vm: VmId, placement: Placement) {
+        if self.vms.get(&vm).and_then(|v| v.placement.as_ref()) != Some(&placement) {
+            self.effects.push(Effect::Destroy { vm, placement });
+        }
     }
 
     /// The guest checked in: BOOTING → FREE.
@@ -42,6 +52,8 @@ impl PoolState {
             let shift = (self.boot_failures - 1).min(16);
             let delay = self.rules.boot_backoff.saturating_mul(1 << shift).min(self.rules.boot_backoff_max);
             self.boot_not_before = now.saturating_add(delay);
+        } else if let Some(p) = placement {
+            self.destroy_stray(vm, p);
         }
         self.run(now);
     }

@@ -9,6 +9,11 @@ use crate::domain::{BatchId, Millis, VmId};
 impl PoolState {
     pub(crate) fn run(&mut self, now: Millis) {
         self.passes += 1;
+        // A backoff that has passed is over (the failure count stays, for doubling); kept, it
+        // would be a deadline in the past and make the shell's timer fire without end.
+        if now >= self.boot_not_before {
+            self.boot_not_before = 0;
+        }
         // Every action removes work (a VM killed, a queue entry used, …) or moves a VM forward,
         // so the loop ends; the bound only turns a bug into a visible stop instead of a hang.
         for _ in 0..100_000 {
@@ -53,7 +58,16 @@ impl PoolState {
     /// Rule 2: prepare FREE VMs for queued batches; requeue batches that lost a VM;
     /// boot more when the queue outruns what is already booting.
     fn rule_preparation(&mut self, now: Millis) -> bool {
-        // (b) first, so a lost VM's place in the queue is restored before anything is prepared.
+        // (a) Queue not empty and a FREE VM: prepare it for the batch at the front.
+        if let (Some(front), Some(free)) = (self.preps.front().copied(), self.first_vm(|v| v.state == VmState::Free)) {
+            self.preps.pop_front();
+            if self.batches.contains_key(&front) {
+                self.prepare_vm(free, front, now);
+            }
+            return true;
+        }
+        // (b) A batch VM that is gone or in ERROR leaves the batch; the batch goes back to the
+        // front of the queue.
         let lost = self
             .batches
             .values()
@@ -68,13 +82,9 @@ impl PoolState {
             self.dirty.batches.insert(batch);
             return true;
         }
-        let Some(&front) = self.preps.front() else { return false };
-        if let Some(free) = self.first_vm(|v| v.state == VmState::Free) {
-            self.preps.pop_front();
-            if self.batches.contains_key(&front) {
-                self.prepare_vm(free, front, now);
-            }
-            return true;
+        // (c) Nothing FREE: boot when the queue outruns what is already starting.
+        if self.preps.is_empty() {
+            return false;
         }
         let count = self.vms.len() as u64;
         let starting = self.vms.values().filter(|v| matches!(v.state, VmState::Creating | VmState::Booting)).count();
@@ -88,6 +98,7 @@ impl PoolState {
     fn rule_lock(&mut self, now: Millis) -> bool {
         let found = self.pending.iter().enumerate().find_map(|(i, p)| {
             let b = self.batches.get(&p.batch)?;
+            self.handles.get(&p.handle)?;
             let vm = b.vms.iter().find(|vm| self.vms.get(vm).is_some_and(|v| v.state == VmState::Ready))?;
             Some((i, *p, *vm))
         });
@@ -100,7 +111,7 @@ impl PoolState {
             v.batch = None;
             v.enter(VmState::Occupied, now);
             self.dirty.vms.insert(vm);
-            let h = self.handles.get_mut(&p.handle).expect("a pending lock has a handle");
+            let h = self.handles.get_mut(&p.handle).expect("found above");
             h.vm = Some(vm);
             let locked_at = h.created_at;
             self.dirty.handles.insert(p.handle);

@@ -69,7 +69,7 @@ fn free_vms_above_min_linger_then_die() {
 fn above_max_kills_booting_first_then_free_never_occupied() {
     let mut p = pool(3, 3, 0);
     settle(&mut p, T0);
-    let b = p.prepare_batch(1, "http://a".into(), T0);
+    let b = p.prepare_batch(1, "http://a".into(), T0).unwrap();
     settle(&mut p, T0);
     let h = p.lock(b, T0).unwrap();
     assert!(p.handle(h).unwrap().vm.is_some());
@@ -92,8 +92,8 @@ fn max_is_clamped_and_min_above_max_refused() {
 #[test]
 fn preparation_is_fifo_across_batches() {
     let mut p = pool(0, 10, 60_000);
-    let a = p.prepare_batch(2, "http://a".into(), T0);
-    let b = p.prepare_batch(1, "http://b".into(), T0);
+    let a = p.prepare_batch(2, "http://a".into(), T0).unwrap();
+    let b = p.prepare_batch(1, "http://b".into(), T0).unwrap();
     assert_eq!(p.preps().copied().collect::<Vec<_>>(), vec![a, a, b]);
     let boots = p.take_effects();
     assert_eq!(boots.len(), 3, "queue longer than what boots: boot one per entry");
@@ -116,7 +116,7 @@ fn preparation_is_fifo_across_batches() {
 #[test]
 fn over_locking_prepares_one_more() {
     let mut p = pool(0, 10, 60_000);
-    let b = p.prepare_batch(1, "h".into(), T0);
+    let b = p.prepare_batch(1, "h".into(), T0).unwrap();
     settle(&mut p, T0);
     let h1 = p.lock(b, T0).unwrap();
     assert!(p.handle(h1).unwrap().vm.is_some(), "warm VM assigned at once");
@@ -132,7 +132,7 @@ fn over_locking_prepares_one_more() {
 #[test]
 fn release_cleans_vm_back_to_free_and_keeps_batch_size() {
     let mut p = pool(1, 10, 60_000);
-    let b = p.prepare_batch(1, "h".into(), T0);
+    let b = p.prepare_batch(1, "h".into(), T0).unwrap();
     settle(&mut p, T0);
     let h = p.lock(b, T0).unwrap();
     let vm = p.handle(h).unwrap().vm.unwrap();
@@ -148,7 +148,7 @@ fn release_cleans_vm_back_to_free_and_keeps_batch_size() {
 #[test]
 fn cancel_with_pending_lock_still_satisfies_it_then_disappears() {
     let mut p = pool(0, 1, 60_000);
-    let b = p.prepare_batch(1, "h".into(), T0);
+    let b = p.prepare_batch(1, "h".into(), T0).unwrap();
     let h = p.lock(b, T0).unwrap();
     p.cancel_batch(b, T0).unwrap();
     assert!(p.batch(b).is_some(), "kept while a lock is pending");
@@ -161,7 +161,7 @@ fn cancel_with_pending_lock_still_satisfies_it_then_disappears() {
 #[test]
 fn cancel_cleans_ready_vms_and_drops_queue() {
     let mut p = pool(0, 2, 60_000);
-    let b = p.prepare_batch(4, "h".into(), T0);
+    let b = p.prepare_batch(4, "h".into(), T0).unwrap();
     settle(&mut p, T0);
     assert_eq!(count(&p, VmState::Ready), 2);
     assert_eq!(p.preps().count(), 2, "max reached: two wait in the queue");
@@ -175,7 +175,7 @@ fn cancel_cleans_ready_vms_and_drops_queue() {
 #[test]
 fn handles_expire_and_their_vm_is_cleaned() {
     let mut p = pool(1, 2, 60_000);
-    let b = p.prepare_batch(1, "h".into(), T0);
+    let b = p.prepare_batch(1, "h".into(), T0).unwrap();
     settle(&mut p, T0);
     let h = p.lock(b, T0).unwrap();
     let at = p.renew_expire(h, 500, T0).unwrap();
@@ -191,7 +191,7 @@ fn handles_expire_and_their_vm_is_cleaned() {
 #[test]
 fn unpinged_vm_times_out_and_its_handle_is_lost() {
     let mut p = pool(1, 2, 60_000);
-    let b = p.prepare_batch(1, "h".into(), T0);
+    let b = p.prepare_batch(1, "h".into(), T0).unwrap();
     settle(&mut p, T0);
     let h = p.lock(b, T0).unwrap();
     let vm = p.handle(h).unwrap().vm.unwrap();
@@ -206,7 +206,7 @@ fn unpinged_vm_times_out_and_its_handle_is_lost() {
 #[test]
 fn failed_preparation_requeues_batch_at_front() {
     let mut p = pool(0, 1, 60_000);
-    let a = p.prepare_batch(1, "a".into(), T0);
+    let a = p.prepare_batch(1, "a".into(), T0).unwrap();
     let bvm = match p.take_effects()[0] {
         Effect::Boot { vm, op } => (vm, op),
         _ => unreachable!(),
@@ -214,7 +214,7 @@ fn failed_preparation_requeues_batch_at_front() {
     p.created(bvm.0, bvm.1, Placement { node: 1, domain: "x".into() }, T0);
     p.booted(bvm.0, bvm.1, VmAddress::default(), T0);
     let Effect::Prepare { vm, op, .. } = p.take_effects()[0].clone() else { panic!() };
-    let b2 = p.prepare_batch(1, "b".into(), T0);
+    let b2 = p.prepare_batch(1, "b".into(), T0).unwrap();
     p.prepared(vm, op, false, T0);
     // The ERROR VM is dropped, batch a goes back to the front, then the VM is killed.
     let q: Vec<_> = p.preps().copied().collect();
@@ -246,7 +246,7 @@ fn stale_results_are_ignored() {
 #[test]
 fn restore_turns_unstable_vms_into_error_and_keeps_handles() {
     let mut p = pool(2, 4, 60_000);
-    let b = p.prepare_batch(2, "h".into(), T0);
+    let b = p.prepare_batch(2, "h".into(), T0).unwrap();
     settle(&mut p, T0);
     let h = p.lock(b, T0).unwrap();
     let held = p.handle(h).unwrap().vm.unwrap();
@@ -307,7 +307,7 @@ proptest! {
         for op in ops {
             match op {
                 Op::Size(a, b, l) => { let _ = p.set_size(a, b, l, now); }
-                Op::Prepare(n) => { p.prepare_batch(n, "h".into(), now); }
+                Op::Prepare(n) => { let _ = p.prepare_batch(n, "h".into(), now); }
                 Op::Lock(b) => { let _ = p.lock(b, now); }
                 Op::Release(h) => { let _ = p.release(h, now); }
                 Op::Cancel(b) => { let _ = p.cancel_batch(b, now); }
@@ -335,6 +335,11 @@ proptest! {
             if let Err(e) = p.check_invariants() {
                 prop_assert!(false, "{}", e);
             }
+            // After a step the rules have settled: no deadline is already due (a due one would
+            // make the shell's timer fire at once, forever).
+            if let Some(d) = p.next_deadline() {
+                prop_assert!(d > now, "deadline {} not after now {}", d, now);
+            }
             // The pool never exceeds max except by VMs the rules may not kill.
             let killable = p.vms().filter(|v| matches!(v.state, VmState::Free | VmState::Booting)).count();
             prop_assert!(p.vms().count() <= p.size().max as usize || killable == 0,
@@ -354,11 +359,55 @@ proptest! {
     #[test]
     fn every_lock_is_eventually_assigned(locks in prop::collection::vec(1u64..4, 1..20), sizes in prop::collection::vec(0u32..3, 3)) {
         let mut p = pool(0, 30, 60_000);
-        for s in sizes { p.prepare_batch(s, "h".into(), T0); }
+        for s in sizes { p.prepare_batch(s, "h".into(), T0).unwrap(); }
         for b in locks { p.lock(b, T0).unwrap(); }
         settle(&mut p, T0);
         prop_assert_eq!(p.pending().count(), 0);
         prop_assert!(p.handles().all(|h| h.vm.is_some()));
         p.check_invariants().map_err(TestCaseError::fail)?;
     }
+}
+
+#[test]
+fn after_a_backed_off_retry_no_deadline_is_in_the_past() {
+    let mut p = pool(0, 1, 60_000);
+    p.prepare_batch(1, "h".into(), T0).unwrap();
+    let Effect::Boot { vm, op } = p.take_effects()[0] else { panic!() };
+    p.boot_failed(vm, op, None, T0);
+    p.tick(T0 + 500);
+    assert!(p.take_effects().iter().any(|e| matches!(e, Effect::Boot { .. })), "retried after the backoff");
+    p.tick(T0 + 1000);
+    assert!(p.next_deadline().is_none_or(|d| d > T0 + 1000), "deadline {:?} already due", p.next_deadline());
+}
+
+#[test]
+fn a_domain_created_for_a_vm_killed_meanwhile_is_destroyed() {
+    let mut p = pool(1, 1, 0);
+    let Effect::Boot { vm, op } = p.take_effects()[0] else { panic!() };
+    p.set_size(0, 0, 0, T0).unwrap();
+    p.tick(T0 + 10_001); // CREATING timed out: the VM left the pool
+    assert!(p.vm(vm).is_none());
+    p.take_effects();
+    let placement = Placement { node: 1, domain: "late".into() };
+    p.created(vm, op, placement.clone(), T0 + 10_002);
+    assert_eq!(p.take_effects(), vec![Effect::Destroy { vm, placement }]);
+}
+
+#[test]
+fn batches_above_the_limit_are_refused() {
+    let mut p = pool(0, 1, 0);
+    assert!(matches!(p.prepare_batch(1001, "h".into(), T0), Err(PoolInputError::Invalid { field: "size", .. })));
+    assert!(p.batches().next().is_none());
+}
+
+#[test]
+fn restore_drops_pending_locks_without_a_handle() {
+    let mut p = pool(0, 0, 0);
+    let b = p.prepare_batch(1, "h".into(), T0).unwrap();
+    let h = p.lock(b, T0).unwrap();
+    let mut snap = p.snapshot();
+    snap.pending.push(PendingLock { batch: b, handle: 99 });
+    let r = PoolState::restore(PoolRules::default(), snap, T0);
+    assert_eq!(r.pending().map(|p| p.handle).collect::<Vec<_>>(), vec![h]);
+    r.check_invariants().unwrap();
 }
