@@ -40,9 +40,17 @@ impl Window {
     }
 }
 
+#[derive(Default)]
+struct Windows {
+    open: HashMap<HandleId, Window>,
+    /// Handles whose window was closed, oldest first: pruning pops from the front instead of
+    /// scanning every window on every event.
+    closed: VecDeque<(Millis, HandleId)>,
+}
+
 #[derive(Clone)]
 pub struct EventHub {
-    windows: Arc<Mutex<HashMap<HandleId, Window>>>,
+    windows: Arc<Mutex<Windows>>,
     wake: Arc<watch::Sender<u64>>,
 }
 
@@ -54,13 +62,13 @@ impl Default for EventHub {
 
 impl EventHub {
     pub fn open(&self, handle: HandleId) {
-        self.windows.lock().entry(handle).or_default();
+        self.windows.lock().open.entry(handle).or_default();
     }
 
     pub fn push(&self, handle: HandleId, data: Value, now: Millis) {
         {
             let mut w = self.windows.lock();
-            let win = w.entry(handle).or_default();
+            let win = w.open.entry(handle).or_default();
             win.events.push_back(Event { time: now, data });
             if win.events.front().is_some_and(|e| now.saturating_sub(e.time) > PRUNE_AFTER_MS) {
                 while win.events.front().is_some_and(|e| now.saturating_sub(e.time) > KEEP_MS) {
@@ -68,21 +76,32 @@ impl EventHub {
                     win.first_id += 1;
                 }
             }
-            w.retain(|_, win| win.closed_at.is_none_or(|at| now.saturating_sub(at) <= PRUNE_AFTER_MS));
+            while let Some(&(at, h)) = w.closed.front() {
+                if now.saturating_sub(at) <= PRUNE_AFTER_MS {
+                    break;
+                }
+                w.closed.pop_front();
+                // Only if it is still closed since then (an id is never reused, but be exact).
+                if w.open.get(&h).is_some_and(|win| win.closed_at == Some(at)) {
+                    w.open.remove(&h);
+                }
+            }
         }
         self.wake.send_modify(|n| *n += 1);
     }
 
     /// The handle has ended; its window stays readable for two minutes.
     pub fn close(&self, handle: HandleId, now: Millis) {
-        if let Some(w) = self.windows.lock().get_mut(&handle) {
-            w.closed_at = Some(now);
+        let mut w = self.windows.lock();
+        if let Some(win) = w.open.get_mut(&handle) {
+            win.closed_at = Some(now);
+            w.closed.push_back((now, handle));
         }
     }
 
     /// `None` for a handle without a window; `Some(-1)` when it has no events yet.
     pub fn last_id(&self, handle: HandleId) -> Option<i64> {
-        self.windows.lock().get(&handle).map(Window::last_id)
+        self.windows.lock().open.get(&handle).map(Window::last_id)
     }
 
     /// Events with an id above `after`, waiting up to `wait` for the first one.
@@ -94,7 +113,7 @@ impl EventHub {
             rx.borrow_and_update();
             {
                 let w = self.windows.lock();
-                let win = w.get(&handle)?;
+                let win = w.open.get(&handle)?;
                 let last = win.last_id();
                 if last > after {
                     let skip = (after + 1 - win.first_id).max(0) as usize;
@@ -149,11 +168,24 @@ mod tests {
         let hub = EventHub::default();
         hub.push(1, json!(0), 0);
         hub.push(1, json!(1), 70_000);
-        assert_eq!(hub.windows.lock()[&1].events.len(), 2, "oldest only 70 s old");
+        assert_eq!(hub.windows.lock().open[&1].events.len(), 2, "oldest only 70 s old");
         hub.push(1, json!(2), 121_000);
         let w = hub.windows.lock();
-        assert_eq!(w[&1].events.len(), 2, "the 0 s event (over a minute old) is gone");
-        assert_eq!(w[&1].first_id, 1);
-        assert_eq!(w[&1].last_id(), 2);
+        assert_eq!(w.open[&1].events.len(), 2, "the 0 s event (over a minute old) is gone");
+        assert_eq!(w.open[&1].first_id, 1);
+        assert_eq!(w.open[&1].last_id(), 2);
+    }
+
+    #[test]
+    fn closed_windows_are_dropped_two_minutes_after_closing() {
+        let hub = EventHub::default();
+        hub.open(1);
+        hub.open(2);
+        hub.close(1, 1_000);
+        hub.push(3, json!(0), 121_000);
+        assert!(hub.last_id(1).is_some(), "exactly two minutes: still readable");
+        hub.push(3, json!(1), 121_001);
+        assert_eq!(hub.last_id(1), None, "gone after two minutes");
+        assert_eq!(hub.last_id(2), Some(-1), "open windows stay");
     }
 }

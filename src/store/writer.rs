@@ -136,7 +136,8 @@ async fn commit(store: &dyn Store, group: &mut Vec<Request>) {
         parts.push((start..all.len(), req));
     }
     let started = std::time::Instant::now();
-    let result = store.apply(&all).await;
+    let merged = last_write_per_row(&all);
+    let result = store.apply(merged.as_deref().unwrap_or(&all)).await;
     if !all.is_empty() {
         crate::metrics::store_commit(result.is_ok(), all.len(), started.elapsed().as_secs_f64());
     }
@@ -158,6 +159,45 @@ async fn commit(store: &dyn Store, group: &mut Vec<Request>) {
             }
         }
     }
+}
+
+/// Which row a change writes; `None` for changes that must keep their place (pool deletion).
+fn row_key(c: &Change) -> Option<(u8, &str, u64)> {
+    Some(match c {
+        Change::Pool { pool, .. } => (0, pool.as_str(), 0),
+        Change::PoolDeleted { .. } => return None,
+        Change::Vm { pool, vm } => (1, pool.as_str(), vm.id),
+        Change::VmDeleted { pool, id } => (1, pool.as_str(), *id),
+        Change::Batch { pool, batch } => (2, pool.as_str(), batch.id),
+        Change::BatchDeleted { pool, id } => (2, pool.as_str(), *id),
+        Change::Handle { pool, handle } => (3, pool.as_str(), handle.id),
+        Change::HandleDeleted { pool, id } => (3, pool.as_str(), *id),
+        Change::Node(n) => (4, "", n.id),
+        Change::NodeDeleted { id } => (4, "", *id),
+    })
+}
+
+/// A group often rewrites the same rows (the pool row after every event, a VM on each step of
+/// its way). Each row's final change is what the group commits; it takes the place of the row's
+/// first change, so a row is never written before one it depends on (a pool before its VMs).
+/// `None` when nothing repeats, or when the group deletes a pool (then order is kept as is).
+fn last_write_per_row(all: &[Change]) -> Option<Vec<Change>> {
+    let mut last = std::collections::HashMap::with_capacity(all.len());
+    for (i, c) in all.iter().enumerate() {
+        last.insert(row_key(c)?, i);
+    }
+    if last.len() == all.len() {
+        return None;
+    }
+    let mut seen = std::collections::HashSet::with_capacity(last.len());
+    let merged = all
+        .iter()
+        .filter_map(|c| {
+            let key = row_key(c).expect("checked above");
+            seen.insert(key).then(|| all[last[&key]].clone())
+        })
+        .collect();
+    Some(merged)
 }
 
 #[cfg(test)]
@@ -313,6 +353,20 @@ mod tests {
         // Requests without that fence still go through.
         writer.write(vec![vm("p", 3)]).await.unwrap();
         assert_eq!(vm_ids(store.as_ref(), "p").await, vec![3]);
+    }
+
+    #[test]
+    fn a_group_writes_each_row_once_with_its_last_value_in_its_first_place() {
+        let p1 = pool("p");
+        let merged =
+            last_write_per_row(&[p1.clone(), vm("p", 1), vm("p", 2), Change::VmDeleted { pool: "p".into(), id: 1 }, p1.clone()]).unwrap();
+        assert_eq!(merged, vec![p1.clone(), Change::VmDeleted { pool: "p".into(), id: 1 }, vm("p", 2)]);
+        assert_eq!(last_write_per_row(&[p1.clone(), vm("p", 1)]), None, "nothing repeats");
+        assert_eq!(
+            last_write_per_row(&[p1.clone(), Change::PoolDeleted { pool: "p".into() }, p1]),
+            None,
+            "order kept around a pool deletion"
+        );
     }
 
     struct Panicking;
