@@ -84,9 +84,7 @@ fn main() {
 // ---- set-up ----------------------------------------------------------------------------------
 
 fn config(data_dir: &TempDir) -> HiveConfig {
-    let mut cfg = HiveConfig::default();
-    cfg.listen = ([127, 0, 0, 1], 0).into();
-    cfg.data_dir = data_dir.path().to_path_buf();
+    let mut cfg = HiveConfig { listen: ([127, 0, 0, 1], 0).into(), data_dir: data_dir.path().to_path_buf(), ..HiveConfig::default() };
     cfg.sim.nodes = 3;
     // 3 nodes x 16 cores holds 30 one-core VMs (the default 8 cores would stop at 24).
     cfg.sim.cores = 16;
@@ -296,6 +294,38 @@ async fn monitor(pool: PoolHandle, mut stop: watch::Receiver<bool>) -> (u64, Vec
     }
 }
 
+// ---- where the time goes ---------------------------------------------------------------------
+
+/// The store writer's own metrics (`hive_store_commit_*`), read from the hive's recorder.
+#[derive(Default)]
+struct StoreCommits {
+    count: f64,
+    seconds: f64,
+    changes: f64,
+}
+
+impl StoreCommits {
+    fn read(hive: &Hive) -> StoreCommits {
+        let Some(text) = hive.metrics().map(|m| m.render()) else { return StoreCommits::default() };
+        // Sum over label sets; a metric that is not there (yet) counts as 0.
+        let value = |name: &str| -> f64 {
+            text.lines()
+                .filter(|l| l.strip_prefix(name).is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{')))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum()
+        };
+        StoreCommits {
+            count: value("hive_store_commit_seconds_count"),
+            seconds: value("hive_store_commit_seconds_sum"),
+            changes: value("hive_store_commit_changes_sum"),
+        }
+    }
+
+    fn since(&self, before: &StoreCommits) -> StoreCommits {
+        StoreCommits { count: self.count - before.count, seconds: self.seconds - before.seconds, changes: self.changes - before.changes }
+    }
+}
+
 // ---- the run ---------------------------------------------------------------------------------
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -333,7 +363,9 @@ async fn run(args: Args) -> anyhow::Result<bool> {
 
     let (stop_monitor, monitor_stop) = watch::channel(false);
     let watcher = tokio::spawn(monitor(servers.pool.clone(), monitor_stop));
+    let before = StoreCommits::read(&servers.hive);
     let (back, stats, cycle_wall) = run_cycles(clients, &servers.hive_url, batch, n, &held).await?;
+    let commits = StoreCommits::read(&servers.hive).since(&before);
     let _ = stop_monitor.send(true);
     let (checks, mut broken) = watcher.await?;
 
@@ -376,6 +408,19 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     println!("| lock-to-assigned p99 (ms) | {} |", ms(p99));
     println!("| lock-to-assigned max (ms) | {} |", ms(lat.last().copied().unwrap_or_default()));
     println!("| mean handle-status polls per cycle | {mean_polls:.2} |");
+    if commits.count > 0.0 {
+        println!(
+            "| store group commits during cycles (per cycle) | {:.0} ({:.2}) |",
+            commits.count,
+            commits.count / completed.max(1) as f64
+        );
+        println!(
+            "| mean commit time (ms) / row changes per commit | {:.3} / {:.1} |",
+            commits.seconds / commits.count * 1e3,
+            commits.changes / commits.count
+        );
+        println!("| store writer busy (commit time / cycle wall time) | {:.0} % |", commits.seconds / cycle_wall.as_secs_f64() * 100.0);
+    }
     println!("| invariant checks on snapshots / violations | {checks} / {} |", broken.len());
     println!();
     if bench {
