@@ -15,8 +15,8 @@ use criterion::{Criterion, criterion_group, criterion_main};
 use guaca_hive::actors::pool::PoolHandle;
 use guaca_hive::app::Hive;
 use guaca_hive::config::HiveConfig;
-use guaca_hive::domain::pool::{Effect, PoolRules, PoolSize, PoolState};
-use guaca_hive::domain::vm::{Placement, VmAddress, VmState};
+use guaca_hive::domain::pool::{PoolRules, PoolSize, PoolState};
+use guaca_hive::domain::vm::VmState;
 use guaca_hive::domain::{BatchId, Millis};
 use guaca_hive::drivers::sim::SimTimings;
 use tempfile::TempDir;
@@ -87,27 +87,10 @@ fn handle_cycle(c: &mut Criterion) {
 
 const T0: Millis = 1_000_000;
 
-/// Carry out every pending effect successfully and at once, as an instant hypervisor would.
-/// Time stands still at `T0`, so no timeout fires however long the benchmark runs.
+/// Every pending effect carried out at once; time stands still at `T0`, so no timeout fires
+/// however long the benchmark runs.
 fn settle(p: &mut PoolState) {
-    loop {
-        let effects = p.take_effects();
-        if effects.is_empty() {
-            return;
-        }
-        for e in effects {
-            match e {
-                Effect::Boot { vm, op } => {
-                    p.created(vm, op, Placement { node: 1, domain: format!("d{vm}") }, T0);
-                    p.booted(vm, op, VmAddress { ip: format!("10.0.0.{vm}"), ..VmAddress::default() }, T0);
-                }
-                Effect::Prepare { vm, op, .. } => p.prepared(vm, op, true, T0),
-                Effect::Cleanup { vm, op } => p.cleaned(vm, op, true, T0),
-                // Kills, notices: nothing comes back from them.
-                _ => {}
-            }
-        }
-    }
+    p.settle_instantly(T0);
 }
 
 fn domain_cycle(c: &mut Criterion) {

@@ -7,6 +7,7 @@
 //! not one per request. All SQL of the crate lives under this module.
 
 pub mod sqlite;
+mod sqlite_rows;
 pub mod writer;
 
 #[cfg(test)]

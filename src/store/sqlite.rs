@@ -2,7 +2,7 @@
 //! transaction has been fsynced and survives a crash or power loss.
 //!
 //! `apply` runs every change of a call inside one `BEGIN IMMEDIATE` transaction (all or
-//! nothing); foreign keys are on, so a row for an unknown pool fails the whole call. `load_pools`
+//! nothing), as one multi-row statement per table when no row repeats (`sqlite_rows.rs`); foreign keys are on, so a row for an unknown pool fails the whole call. `load_pools`
 //! reads inside one transaction, so it sees a single consistent snapshot. u64 values are stored
 //! as INTEGER (i64, bit for bit). Schema: `migrations/sqlite/`, applied by `open`.
 
@@ -17,6 +17,7 @@ use sqlx::sqlite::{
     SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
 };
 
+use super::sqlite_rows::{self as rows, Plan, PoolRow};
 use super::{Change, NodeRecord, Store, StoreError, StoredPool};
 use crate::domain::pool::{Batch, Handle, PoolSize, PoolSnapshot};
 use crate::domain::vm::{Placement, Vm, VmAddress, VmState};
@@ -127,8 +128,15 @@ impl Store for SqliteStore {
         // IMMEDIATE takes the write lock up front (waiting up to busy_timeout) instead of
         // failing with SQLITE_BUSY when a read transaction has to be upgraded.
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        for change in changes {
-            apply_one(&mut tx, change).await?;
+        match Plan::of(changes) {
+            // Each row at most once: one statement per table.
+            Some(plan) => plan.run(&mut tx).await?,
+            // A row written twice or a pool deleted: order matters, one change at a time.
+            None => {
+                for change in changes {
+                    apply_one(&mut tx, change).await?;
+                }
+            }
         }
         tx.commit().await?;
         Ok(())
@@ -144,24 +152,12 @@ impl Store for SqliteStore {
     }
 }
 
-async fn apply_one(conn: &mut SqliteConnection, change: &Change) -> Result<(), StoreError> {
+pub(super) async fn apply_one(conn: &mut SqliteConnection, change: &Change) -> Result<(), StoreError> {
     let query = match change {
-        Change::Pool { pool, size, next_vm, next_batch, next_handle, preps, pending } => sqlx::query(
-            "INSERT INTO pools (name, min, max, linger, next_vm, next_batch, next_handle, preps, pending)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
-             ON CONFLICT(name) DO UPDATE SET min = excluded.min, max = excluded.max,
-               linger = excluded.linger, next_vm = excluded.next_vm, next_batch = excluded.next_batch,
-               next_handle = excluded.next_handle, preps = excluded.preps, pending = excluded.pending",
-        )
-        .bind(pool)
-        .bind(i64::from(size.min))
-        .bind(i64::from(size.max))
-        .bind(int(size.linger))
-        .bind(int(*next_vm))
-        .bind(int(*next_batch))
-        .bind(int(*next_handle))
-        .bind(json(preps)?)
-        .bind(json(pending)?),
+        Change::Pool { pool, size, next_vm, next_batch, next_handle, preps, pending } => {
+            let row = PoolRow { pool, size: *size, counters: [*next_vm, *next_batch, *next_handle], preps, pending };
+            return rows::upsert_pools(conn, &[row]).await;
+        }
         Change::PoolDeleted { pool } => {
             // The schema cascades; deleting children explicitly keeps this correct even on a
             // connection opened without foreign keys.
@@ -170,74 +166,13 @@ async fn apply_one(conn: &mut SqliteConnection, change: &Change) -> Result<(), S
             }
             sqlx::query("DELETE FROM pools WHERE name = ?").bind(pool)
         }
-        Change::Vm { pool, vm } => sqlx::query(
-            "INSERT INTO vms (pool, id, state, since, contact, batch_id, node_id, domain,
-               ip, public_ip, vnc_port, vnc_passwd, op)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-             ON CONFLICT(pool, id) DO UPDATE SET state = excluded.state, since = excluded.since,
-               contact = excluded.contact, batch_id = excluded.batch_id, node_id = excluded.node_id,
-               domain = excluded.domain, ip = excluded.ip, public_ip = excluded.public_ip,
-               vnc_port = excluded.vnc_port, vnc_passwd = excluded.vnc_passwd, op = excluded.op",
-        )
-        .bind(pool)
-        .bind(int(vm.id))
-        .bind(i64::from(vm.state.code()))
-        .bind(int(vm.since))
-        .bind(int(vm.contact))
-        .bind(vm.batch.map(int))
-        .bind(vm.placement.as_ref().map(|p| int(p.node)))
-        .bind(vm.placement.as_ref().map(|p| p.domain.as_str()))
-        .bind(vm.address.ip.as_str())
-        .bind(vm.address.public_ip.as_str())
-        .bind(i64::from(vm.address.vnc_port))
-        .bind(vm.address.vnc_passwd.as_str())
-        .bind(int(vm.op)),
+        Change::Vm { pool, vm } => return rows::upsert_vms(conn, &[(pool, vm)]).await,
         Change::VmDeleted { pool, id } => sqlx::query("DELETE FROM vms WHERE pool = ? AND id = ?").bind(pool).bind(int(*id)),
-        Change::Batch { pool, batch } => sqlx::query(
-            "INSERT INTO batches (pool, id, size, profile_name, home_page, vms, mark_delete)
-             VALUES (?, ?, ?, ?, ?, ?, ?)
-             ON CONFLICT(pool, id) DO UPDATE SET size = excluded.size,
-               profile_name = excluded.profile_name, home_page = excluded.home_page,
-               vms = excluded.vms, mark_delete = excluded.mark_delete",
-        )
-        .bind(pool)
-        .bind(int(batch.id))
-        .bind(i64::from(batch.size))
-        .bind(batch.profile_name.as_str())
-        .bind(batch.home_page.as_str())
-        .bind(json(&batch.vms)?)
-        .bind(batch.mark_delete),
+        Change::Batch { pool, batch } => return rows::upsert_batches(conn, &[(pool, batch)]).await,
         Change::BatchDeleted { pool, id } => sqlx::query("DELETE FROM batches WHERE pool = ? AND id = ?").bind(pool).bind(int(*id)),
-        Change::Handle { pool, handle } => sqlx::query(
-            "INSERT INTO handles (pool, id, batch_id, vm_id, expires_at, created_at)
-             VALUES (?, ?, ?, ?, ?, ?)
-             ON CONFLICT(pool, id) DO UPDATE SET batch_id = excluded.batch_id,
-               vm_id = excluded.vm_id, expires_at = excluded.expires_at,
-               created_at = excluded.created_at",
-        )
-        .bind(pool)
-        .bind(int(handle.id))
-        .bind(int(handle.batch))
-        .bind(handle.vm.map(int))
-        .bind(handle.expires_at.map(int))
-        .bind(int(handle.created_at)),
+        Change::Handle { pool, handle } => return rows::upsert_handles(conn, &[(pool, handle)]).await,
         Change::HandleDeleted { pool, id } => sqlx::query("DELETE FROM handles WHERE pool = ? AND id = ?").bind(pool).bind(int(*id)),
-        Change::Node(n) => sqlx::query(
-            "INSERT INTO nodes (id, name, driver, cores, ram_mb, disk_mb, address, state, created_at)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
-             ON CONFLICT(id) DO UPDATE SET name = excluded.name, driver = excluded.driver,
-               cores = excluded.cores, ram_mb = excluded.ram_mb, disk_mb = excluded.disk_mb,
-               address = excluded.address, state = excluded.state, created_at = excluded.created_at",
-        )
-        .bind(int(n.id))
-        .bind(n.name.as_str())
-        .bind(n.driver.as_str())
-        .bind(i64::from(n.cores))
-        .bind(int(n.ram_mb))
-        .bind(int(n.disk_mb))
-        .bind(n.address.as_str())
-        .bind(n.state.as_str())
-        .bind(int(n.created_at)),
+        Change::Node(n) => return rows::upsert_nodes(conn, &[n]).await,
         Change::NodeDeleted { id } => sqlx::query("DELETE FROM nodes WHERE id = ?").bind(int(*id)),
     };
     query.execute(&mut *conn).await?;
@@ -247,7 +182,7 @@ async fn apply_one(conn: &mut SqliteConnection, change: &Change) -> Result<(), S
 // ---- encoding ------------------------------------------------------------------------------
 
 /// u64 → INTEGER, bit for bit; `uint` is the inverse.
-fn int(v: u64) -> i64 {
+pub(super) fn int(v: u64) -> i64 {
     v as i64
 }
 
@@ -255,7 +190,7 @@ fn uint(v: i64) -> u64 {
     v as u64
 }
 
-fn json<T: Serialize + ?Sized>(v: &T) -> Result<String, StoreError> {
+pub(super) fn json<T: Serialize + ?Sized>(v: &T) -> Result<String, StoreError> {
     serde_json::to_string(v).map_err(|e| StoreError::Query(format!("encoding json: {e}")))
 }
 

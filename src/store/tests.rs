@@ -212,3 +212,31 @@ async fn open_reports_a_missing_directory() {
     assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
     assert!(err.to_string().contains("/nonexistent-dir"), "{err}");
 }
+
+#[tokio::test]
+async fn a_group_that_repeats_a_row_applies_in_order() {
+    let (_dir, _, store) = temp_store().await;
+    store.apply(&Change::snapshot("p", &PoolSnapshot::default())).await.expect("pool");
+    let p = || "p".to_string();
+    store
+        .apply(&[
+            Change::Vm { pool: p(), vm: vm(1, VmState::Free, None) },
+            Change::Vm { pool: p(), vm: vm(2, VmState::Free, None) },
+            Change::Vm { pool: p(), vm: vm(1, VmState::Error, None) },
+            Change::VmDeleted { pool: p(), id: 2 },
+            Change::Vm { pool: p(), vm: vm(2, VmState::Ready, None) },
+        ])
+        .await
+        .expect("apply");
+    let vms = &store.load_pools().await.expect("load")[0].snapshot.vms;
+    let states: Vec<(u64, VmState)> = vms.iter().map(|v| (v.id, v.state)).collect();
+    assert_eq!(states, vec![(1, VmState::Error), (2, VmState::Ready)]);
+}
+
+#[tokio::test]
+async fn a_large_group_spans_several_statements() {
+    let (_dir, _, store) = temp_store().await;
+    let snap = PoolSnapshot { vms: (1..=1203).map(|i| vm(i, VmState::Free, None)).collect(), ..PoolSnapshot::default() };
+    store.apply(&Change::snapshot("big", &snap)).await.expect("apply");
+    assert_eq!(store.load_pools().await.expect("load")[0].snapshot.vms.len(), 1203);
+}

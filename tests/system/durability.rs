@@ -161,13 +161,10 @@ async fn sigint_shuts_the_binary_down_cleanly() {
     assert_eq!(get(&c, &p.base, "/healthz").await["status"], "ok");
     let pid = p.child.id().to_string();
     assert!(Command::new("kill").args(["-INT", &pid]).status().unwrap().success());
-    let deadline = std::time::Instant::now() + Duration::from_secs(15);
-    let status = loop {
-        if let Some(s) = p.child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(std::time::Instant::now() < deadline, "hive did not exit after SIGINT");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let status = until("hive exits after SIGINT", Duration::from_secs(15), || {
+        let exited = p.child.try_wait().unwrap();
+        async move { exited }
+    })
+    .await;
     assert!(status.success(), "clean exit, got {status}");
 }

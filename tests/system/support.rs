@@ -24,7 +24,7 @@ where
             return v;
         }
         assert!(tokio::time::Instant::now() < deadline, "timed out waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        tokio::time::sleep(Duration::from_millis(10)).await; // poll interval, bounded by the deadline
     }
 }
 

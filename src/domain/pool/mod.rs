@@ -9,6 +9,7 @@
 //! a VM belongs to at most one batch and the batch lists it back; a handle holds at most one VM
 //! and no VM is held by two handles; an OCCUPIED VM is held by exactly one handle.
 
+mod instant;
 mod invariants;
 mod results;
 mod rules;

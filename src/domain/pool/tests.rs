@@ -14,26 +14,8 @@ fn pool(min: u32, max: u32, linger: u64) -> PoolState {
     p
 }
 
-/// Carry out every pending effect successfully, as an instant hypervisor would.
 fn settle(p: &mut PoolState, now: Millis) {
-    for _ in 0..1000 {
-        let effects = p.take_effects();
-        if effects.is_empty() {
-            return;
-        }
-        for e in effects {
-            match e {
-                Effect::Boot { vm, op } => {
-                    p.created(vm, op, Placement { node: 1, domain: format!("d{vm}") }, now);
-                    p.booted(vm, op, VmAddress { ip: format!("10.0.0.{vm}"), ..Default::default() }, now);
-                }
-                Effect::Prepare { vm, op, .. } => p.prepared(vm, op, true, now),
-                Effect::Cleanup { vm, op } => p.cleaned(vm, op, true, now),
-                _ => {}
-            }
-        }
-    }
-    panic!("effects did not settle");
+    p.settle_instantly(now);
 }
 
 fn count(p: &PoolState, s: VmState) -> usize {

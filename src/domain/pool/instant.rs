@@ -1,0 +1,35 @@
+//! An instant, always-successful hypervisor for the pure machine: carries out every pending
+//! effect at once. Used by the unit tests and the benchmarks of the rules themselves; never
+//! by the running hive.
+
+use super::{Effect, PoolState};
+use crate::domain::Millis;
+use crate::domain::vm::{Placement, VmAddress};
+
+impl PoolState {
+    /// Boot, prepare and clean up everything the rules asked for, successfully, at `now`,
+    /// until the rules ask for nothing more. Kills and notices need no answer.
+    ///
+    /// # Panics
+    /// If the rules keep asking for work after 1000 rounds (they must settle).
+    pub fn settle_instantly(&mut self, now: Millis) {
+        for _ in 0..1000 {
+            let effects = self.take_effects();
+            if effects.is_empty() {
+                return;
+            }
+            for e in effects {
+                match e {
+                    Effect::Boot { vm, op } => {
+                        self.created(vm, op, Placement { node: 1, domain: format!("d{vm}") }, now);
+                        self.booted(vm, op, VmAddress { ip: format!("10.0.0.{vm}"), ..VmAddress::default() }, now);
+                    }
+                    Effect::Prepare { vm, op, .. } => self.prepared(vm, op, true, now),
+                    Effect::Cleanup { vm, op } => self.cleaned(vm, op, true, now),
+                    _ => {}
+                }
+            }
+        }
+        panic!("pool effects did not settle");
+    }
+}
