@@ -17,20 +17,21 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, bail};
+mod support;
+
+use support::{POOL_SIZE, config, until_free};
+
 use guaca_hive::actors::pool::PoolHandle;
 use guaca_hive::app::Hive;
 use guaca_hive::config::HiveConfig;
 use guaca_hive::domain::BatchId;
-use guaca_hive::domain::pool::{PoolSize, PoolState};
-use guaca_hive::domain::vm::VmState;
-use guaca_hive::drivers::sim::SimTimings;
+use guaca_hive::domain::pool::PoolState;
 use parking_lot::Mutex;
 use tempfile::TempDir;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use warp::Filter;
 
-const POOL_SIZE: u32 = 30;
 /// A cycle whose handle is not assigned within this long counts as failed.
 const ASSIGN_DEADLINE: Duration = Duration::from_secs(5);
 /// How often the monitor checks the pool's invariants on a snapshot while cycles run.
@@ -83,31 +84,6 @@ fn main() {
 
 // ---- set-up ----------------------------------------------------------------------------------
 
-fn config(data_dir: &TempDir) -> HiveConfig {
-    let mut cfg = HiveConfig { listen: ([127, 0, 0, 1], 0).into(), data_dir: data_dir.path().to_path_buf(), ..HiveConfig::default() };
-    cfg.sim.nodes = 3;
-    // 3 nodes x 16 cores holds 30 one-core VMs (the default 8 cores would stop at 24).
-    cfg.sim.cores = 16;
-    cfg.sim.timings = SimTimings::instant();
-    cfg.pool.default_size = PoolSize { min: POOL_SIZE, max: POOL_SIZE, linger: 60_000 };
-    cfg
-}
-
-/// Wait (with a deadline, woken by every durable change of the pool) until `n` VMs are FREE.
-async fn until_free(pool: &PoolHandle, n: usize, within: Duration) -> anyhow::Result<()> {
-    let deadline = tokio::time::Instant::now() + within;
-    let mut changed = pool.subscribe();
-    loop {
-        let states = pool.vm_states().await?;
-        if states.get(&VmState::Free).copied().unwrap_or(0) >= n {
-            return Ok(());
-        }
-        if tokio::time::timeout_at(deadline, changed.changed()).await.is_err() {
-            bail!("pool did not reach {n} FREE VMs within {within:?}: {states:?}");
-        }
-    }
-}
-
 /// The hive's routes and the trivial route, each on its own 127.0.0.1:0 listener.
 struct Servers {
     hive: Hive,
@@ -122,7 +98,7 @@ async fn start(data_dir: &TempDir) -> anyhow::Result<Servers> {
     let hive = Hive::start(config(data_dir)).await?;
     let pool = hive.pool("default")?;
     pool.set_size(POOL_SIZE, POOL_SIZE, 60_000).await?;
-    until_free(&pool, POOL_SIZE as usize, Duration::from_secs(30)).await?;
+    until_free(&pool, POOL_SIZE as usize, Duration::from_secs(30)).await.map_err(|e| anyhow!(e))?;
 
     let (stop, stopped) = watch::channel(false);
     let shutdown = |mut rx: watch::Receiver<bool>| async move {
@@ -359,7 +335,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     }
     let (back, _, _) = run_pings(back, &servers.ping_url, c).await?;
     clients = back;
-    until_free(&servers.pool, POOL_SIZE as usize, Duration::from_secs(10)).await?;
+    until_free(&servers.pool, POOL_SIZE as usize, Duration::from_secs(10)).await.map_err(|e| anyhow!(e))?;
 
     let (stop_monitor, monitor_stop) = watch::channel(false);
     let watcher = tokio::spawn(monitor(servers.pool.clone(), monitor_stop));
@@ -374,7 +350,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     let (_, ping_wall, ping_failures) = run_pings(back, &servers.ping_url, cycle_requests).await?;
 
     // Every VM comes back FREE, and the final state keeps the invariants too.
-    until_free(&servers.pool, POOL_SIZE as usize, Duration::from_secs(10)).await?;
+    until_free(&servers.pool, POOL_SIZE as usize, Duration::from_secs(10)).await.map_err(|e| anyhow!(e))?;
     let last = PoolState::restore(HiveConfig::default().pool_rules(), servers.pool.status().await?, 0);
     if let Err(e) = last.check_invariants() {
         broken.push(format!("after the run: {e}"));

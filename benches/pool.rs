@@ -12,48 +12,23 @@ use std::hint::black_box;
 use std::time::Duration;
 
 use criterion::{Criterion, criterion_group, criterion_main};
+mod support;
+
+use support::{POOL_SIZE, config, until_free};
+
 use guaca_hive::actors::pool::PoolHandle;
 use guaca_hive::app::Hive;
-use guaca_hive::config::HiveConfig;
 use guaca_hive::domain::pool::{PoolRules, PoolSize, PoolState};
 use guaca_hive::domain::vm::VmState;
 use guaca_hive::domain::{BatchId, Millis};
-use guaca_hive::drivers::sim::SimTimings;
 use tempfile::TempDir;
-
-const POOL_SIZE: u32 = 30;
-
-fn config(data_dir: &TempDir) -> HiveConfig {
-    let mut cfg = HiveConfig { listen: ([127, 0, 0, 1], 0).into(), data_dir: data_dir.path().to_path_buf(), ..HiveConfig::default() };
-    cfg.sim.nodes = 3;
-    // 3 nodes x 16 cores holds 30 one-core VMs (the default 8 cores would stop at 24).
-    cfg.sim.cores = 16;
-    cfg.sim.timings = SimTimings::instant();
-    cfg.pool.default_size = PoolSize { min: POOL_SIZE, max: POOL_SIZE, linger: 60_000 };
-    cfg
-}
-
-/// Wait (with a deadline, woken by every durable change of the pool) until `n` VMs are FREE.
-async fn until_free(pool: &PoolHandle, n: usize, within: Duration) {
-    let deadline = tokio::time::Instant::now() + within;
-    let mut changed = pool.subscribe();
-    loop {
-        let states = pool.vm_states().await.expect("pool status");
-        if states.get(&VmState::Free).copied().unwrap_or(0) >= n {
-            return;
-        }
-        if tokio::time::timeout_at(deadline, changed.changed()).await.is_err() {
-            panic!("pool did not reach {n} FREE VMs in {within:?}: {states:?}");
-        }
-    }
-}
 
 /// A started hive with a warm pool of 30 FREE VMs and a batch of size 0 to over-lock.
 async fn warm_hive(data_dir: &TempDir) -> (Hive, PoolHandle, BatchId) {
     let hive = Hive::start(config(data_dir)).await.expect("hive starts");
     let pool = hive.pool("default").expect("default pool");
     pool.set_size(POOL_SIZE, POOL_SIZE, 60_000).await.expect("set size");
-    until_free(&pool, POOL_SIZE as usize, Duration::from_secs(30)).await;
+    until_free(&pool, POOL_SIZE as usize, Duration::from_secs(30)).await.expect("warm pool");
     let batch = pool.prepare_batch(0, "http://bench.invalid/").await.expect("batch");
     (hive, pool, batch)
 }
@@ -78,7 +53,7 @@ fn handle_cycle(c: &mut Criterion) {
 
     rt.block_on(async {
         // Every VM comes back FREE: the cycles left nothing behind.
-        until_free(&pool, POOL_SIZE as usize, Duration::from_secs(10)).await;
+        until_free(&pool, POOL_SIZE as usize, Duration::from_secs(10)).await.expect("pool warm again");
         hive.stop().await;
     });
 }
