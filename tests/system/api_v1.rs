@@ -134,3 +134,34 @@ async fn live_feed_pushes_a_change_without_polling() {
     }
     app.stop().await;
 }
+
+#[tokio::test]
+async fn bad_api_input_is_refused_and_changes_nothing() {
+    use reqwest::Method as M;
+    let app = TestApp::spawn().await;
+    let (_, before) = send(&app, M::GET, "/api/v1/pools/default", None, false).await;
+    let cases: Vec<(M, &str, Option<Value>, StatusCode, &str)> = vec![
+        (M::POST, "/api/v1/pools/default/sessions", Some(json!({"batch": 42})), StatusCode::NOT_FOUND, "unknown_batch"),
+        (M::POST, "/api/v1/pools/default/sessions", Some(json!({"batch": 1, "wait_ms": 600000})), StatusCode::BAD_REQUEST, "invalid_param"),
+        (M::POST, "/api/v1/pools/default/sessions", Some(json!({"batch": "one"})), StatusCode::BAD_REQUEST, "invalid_body"),
+        (M::POST, "/api/v1/pools/default/batches", Some(json!({"size": 5000, "home_page": "h"})), StatusCode::BAD_REQUEST, "invalid_param"),
+        (M::POST, "/api/v1/pools/default/batches", Some(json!({"size": -1, "home_page": "h"})), StatusCode::BAD_REQUEST, "invalid_body"),
+        (M::POST, "/api/v1/pools/nope/batches", Some(json!({"size": 1, "home_page": "h"})), StatusCode::NOT_FOUND, "unknown_pool"),
+        (M::GET, "/api/v1/pools/default/sessions/x", None, StatusCode::BAD_REQUEST, "invalid_param"),
+        (M::DELETE, "/api/v1/pools/default/sessions/77", None, StatusCode::NOT_FOUND, "unknown_handle"),
+        (M::DELETE, "/api/v1/pools/default/batches/77", None, StatusCode::NOT_FOUND, "unknown_batch"),
+        (M::PUT, "/api/v1/pools/default/size", Some(json!({"min": 3, "max": 1})), StatusCode::UNAUTHORIZED, "unauthorized"),
+        (M::DELETE, "/api/v1/pools/default", None, StatusCode::UNAUTHORIZED, "unauthorized"),
+    ];
+    for (method, path, body, status, code) in cases {
+        let (s, e) = send(&app, method.clone(), path, body, false).await;
+        assert_eq!((s, e["error"]["code"].as_str().unwrap_or("")), (status, code), "{method} {path}: {e}");
+    }
+    let (s, e) = send(&app, M::PUT, "/api/v1/pools/default/size", Some(json!({"min": 3, "max": 1})), true).await;
+    assert_eq!((s, e["error"]["code"].clone()), (StatusCode::BAD_REQUEST, json!("invalid_param")));
+    let (s, _) = send(&app, M::DELETE, "/api/v1/pools/default", None, true).await;
+    assert_eq!(s, StatusCode::CONFLICT, "the default pool serves the vmcloud routes");
+    let (_, after) = send(&app, M::GET, "/api/v1/pools/default", None, false).await;
+    assert_eq!(after, before, "nothing changed");
+    app.stop().await;
+}
