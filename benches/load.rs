@@ -19,13 +19,14 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, anyhow, bail};
 mod support;
 
-use support::{POOL_SIZE, config, until_free};
+use support::{POOL_SIZE, config, until_free, until_state};
 
 use guaca_hive::actors::pool::PoolHandle;
 use guaca_hive::app::Hive;
 use guaca_hive::config::HiveConfig;
 use guaca_hive::domain::BatchId;
 use guaca_hive::domain::pool::PoolState;
+use guaca_hive::domain::vm::VmState;
 use parking_lot::Mutex;
 use tempfile::TempDir;
 use tokio::net::TcpListener;
@@ -36,10 +37,15 @@ use warp::Filter;
 const ASSIGN_DEADLINE: Duration = Duration::from_secs(5);
 /// How often the monitor checks the pool's invariants on a snapshot while cycles run.
 const MONITOR_EVERY: Duration = Duration::from_millis(25);
+/// Size of the batch of `--ready` runs: the largest a client may prepare.
+const READY_BATCH: u32 = 1000;
 
 struct Args {
     clients: usize,
     cycles: usize,
+    /// `--ready`: lock a batch whose READY VMs wait for it (vmcloud's warm path: assigned in
+    /// the lock's own commit). Default: over-lock a batch of size 0 (each lock prepares a VM).
+    ready: bool,
     /// `--bench` was passed (by `cargo bench`): measure; otherwise smoke-test.
     bench: bool,
 }
@@ -47,7 +53,9 @@ struct Args {
 fn parse_args() -> anyhow::Result<Args> {
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let bench = argv.iter().any(|a| a == "--bench");
-    let (mut clients, mut cycles) = if bench { (8, 2_000) } else { (2, 20) };
+    let ready = argv.iter().any(|a| a == "--ready");
+    // A ready batch lasts `READY_BATCH` locks (each lock lowers its size by one).
+    let (mut clients, mut cycles) = if bench { (8, if ready { 900 } else { 2_000 }) } else { (2, 20) };
     let mut it = argv.iter();
     while let Some(a) = it.next() {
         let mut value = |name: &str| -> anyhow::Result<usize> {
@@ -64,7 +72,10 @@ fn parse_args() -> anyhow::Result<Args> {
             _ => {} // `--bench`, test-harness flags and filters: not ours.
         }
     }
-    Ok(Args { clients, cycles, bench })
+    if ready && cycles + clients > READY_BATCH as usize - POOL_SIZE as usize {
+        bail!("--ready allows at most {} cycles", READY_BATCH as usize - POOL_SIZE as usize - clients);
+    }
+    Ok(Args { clients, cycles, ready, bench })
 }
 
 fn main() {
@@ -319,12 +330,12 @@ fn ms(d: Duration) -> String {
 
 /// Ok(true) when every cycle completed and no invariant broke.
 async fn run(args: Args) -> anyhow::Result<bool> {
-    let Args { clients: c, cycles: n, bench } = args;
+    let Args { clients: c, cycles: n, ready, bench } = args;
     // In the system's temporary directory ($TMPDIR): point it at a tmpfs to see the run
     // without the cost of fsync.
     let dir = TempDir::new()?;
     let servers = start(&dir).await?;
-    let batch = servers.pool.prepare_batch(0, "http://bench.invalid/").await?;
+    let batch = servers.pool.prepare_batch(if ready { READY_BATCH } else { 0 }, "http://bench.invalid/").await?;
     let held = Arc::new(Held::default());
     let mut clients = (0..c).map(|_| client()).collect::<anyhow::Result<Vec<_>>>()?;
 
@@ -335,7 +346,8 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     }
     let (back, _, _) = run_pings(back, &servers.ping_url, c).await?;
     clients = back;
-    until_free(&servers.pool, POOL_SIZE as usize, Duration::from_secs(10)).await.map_err(|e| anyhow!(e))?;
+    let warm_state = if ready { VmState::Ready } else { VmState::Free };
+    until_state(&servers.pool, warm_state, POOL_SIZE as usize, Duration::from_secs(10)).await.map_err(|e| anyhow!(e))?;
 
     let (stop_monitor, monitor_stop) = watch::channel(false);
     let watcher = tokio::spawn(monitor(servers.pool.clone(), monitor_stop));
@@ -350,6 +362,9 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     let (_, ping_wall, ping_failures) = run_pings(back, &servers.ping_url, cycle_requests).await?;
 
     // Every VM comes back FREE, and the final state keeps the invariants too.
+    if ready {
+        servers.pool.cancel_batch(batch).await?;
+    }
     until_free(&servers.pool, POOL_SIZE as usize, Duration::from_secs(10)).await.map_err(|e| anyhow!(e))?;
     let last = PoolState::restore(HiveConfig::default().pool_rules(), servers.pool.status().await?, 0);
     if let Err(e) = last.check_invariants() {
@@ -368,7 +383,8 @@ async fn run(args: Args) -> anyhow::Result<bool> {
 
     println!();
     let mode = if bench { "bench" } else { "smoke" };
-    println!("### load: {c} clients, {n} cycles ({mode}), data in {}", dir.path().display());
+    let path = if ready { "READY VMs waiting in the batch" } else { "over-lock: each lock prepares a VM" };
+    println!("### load: {c} clients, {n} cycles ({mode}; {path}), data in {}", dir.path().display());
     println!();
     println!("| metric | value |");
     println!("|---|---|");

@@ -26,15 +26,20 @@ pub fn config(data_dir: &TempDir) -> HiveConfig {
 
 /// Wait (with a deadline, woken by every durable change of the pool) until `n` VMs are FREE.
 pub async fn until_free(pool: &PoolHandle, n: usize, within: Duration) -> Result<(), String> {
+    until_state(pool, VmState::Free, n, within).await
+}
+
+/// Wait (with a deadline, woken by every durable change of the pool) until `n` VMs are in `state`.
+pub async fn until_state(pool: &PoolHandle, state: VmState, n: usize, within: Duration) -> Result<(), String> {
     let deadline = tokio::time::Instant::now() + within;
     let mut changed = pool.subscribe();
     loop {
         let states = pool.vm_states().await.map_err(|e| e.to_string())?;
-        if states.get(&VmState::Free).copied().unwrap_or(0) >= n {
+        if states.get(&state).copied().unwrap_or(0) >= n {
             return Ok(());
         }
         if tokio::time::timeout_at(deadline, changed.changed()).await.is_err() {
-            return Err(format!("pool did not reach {n} FREE VMs within {within:?}: {states:?}"));
+            return Err(format!("pool did not reach {n} {state:?} VMs within {within:?}: {states:?}"));
         }
     }
 }

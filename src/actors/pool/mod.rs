@@ -7,6 +7,8 @@
 //! store, so memory never runs ahead of what is durable for long.
 
 use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use ractor::concurrency::JoinHandle;
@@ -148,6 +150,13 @@ pub struct PoolManagerState {
     /// Set by the writer when a commit of this incarnation fails: later ones are not written
     /// and their replies never sent; the supervisor rebuilds the pool from the store.
     fence: Fence,
+    /// Sequence numbers of submitted commits, and the highest one known durable: a read that
+    /// depends only on rows already durable is answered at once instead of queueing behind
+    /// unrelated writes.
+    submitted: u64,
+    durable: Arc<AtomicU64>,
+    /// The commit that last wrote each handle's row (created, assigned, renewed or deleted).
+    handle_written: HashMap<HandleId, u64>,
 }
 
 impl Actor for PoolManager {
@@ -172,6 +181,9 @@ impl Actor for PoolManager {
             written_row: None,
             after_commit: Vec::new(),
             fence: Fence::default(),
+            submitted: 0,
+            durable: Arc::default(),
+            handle_written: HashMap::new(),
         };
         for h in st.pool.handles() {
             st.args.handle.events().open(h.id);
@@ -241,6 +253,13 @@ impl Actor for PoolManager {
             }
             PoolMsg::HandleStatus { handle, reply } => {
                 let r = view(pool, handle);
+                // A handle's status shows its row and the VM it was assigned with, written in the
+                // same commit; once that commit is durable there is nothing to wait for.
+                let durable = st.durable.load(Ordering::Acquire);
+                if st.handle_written.get(&handle).is_none_or(|seq| *seq <= durable) {
+                    let _ = reply.send(r);
+                    return Ok(());
+                }
                 return settle(&me, st, r, reply).await;
             }
             PoolMsg::WaitAssigned { handle, reply } => match view(pool, handle) {
@@ -358,11 +377,16 @@ async fn apply(me: &ActorRef<PoolMsg>, st: &mut PoolManagerState) -> Result<(), 
         metrics::vms(st.args.handle.name(), st.pool.vms().map(|v| v.state));
         let me = me.clone();
         let handle = (!changes.is_empty()).then(|| st.args.handle.clone());
+        st.submitted += 1;
+        let seq = st.submitted;
+        note_handles(st, &changes, seq);
+        let durable = st.durable.clone();
         st.args.writer.submit_fenced(
             changes,
             st.fence.clone(),
             Box::new(move |r: Result<(), StoreError>| match r {
                 Ok(()) => {
+                    durable.fetch_max(seq, Ordering::Release);
                     notices.into_iter().for_each(|n| n());
                     if let Some(h) = handle {
                         h.bump();
@@ -488,6 +512,19 @@ fn changes(st: &mut PoolManagerState) -> Vec<Change> {
         });
     }
     out
+}
+
+/// Remember which commit last wrote each handle; forget the ones long durable.
+fn note_handles(st: &mut PoolManagerState, changes: &[Change], seq: u64) {
+    for c in changes {
+        if let Change::Handle { handle: Handle { id, .. }, .. } | Change::HandleDeleted { id, .. } = c {
+            st.handle_written.insert(*id, seq);
+        }
+    }
+    if st.handle_written.len() > 4096 {
+        let durable = st.durable.load(Ordering::Acquire);
+        st.handle_written.retain(|_, s| *s > durable);
+    }
 }
 
 fn reschedule(me: &ActorRef<PoolMsg>, st: &mut PoolManagerState) {
