@@ -1,8 +1,9 @@
 //! HTTP (warp): thin routes over the `Hive`. Each route parses its input, calls one handle
 //! method and shapes the result; every failure becomes the JSON error envelope in `error.rs`.
 //! Routes put the path before the method so an unknown path is a 404, not a 405. Every
-//! response (errors included) carries the vmcloud CORS headers, and every route records
-//! `hive_http_*` metrics under its route template, never under ids.
+//! response (errors included) carries the vmcloud CORS headers, and every API route records
+//! `hive_http_*` metrics under its route template, never under ids (the static pages, the
+//! OpenAPI document, `/metrics` itself and the long-lived SSE stream are not timed).
 //!
 //! Surfaces: `vmcloud.rs` (the original API on the `default` pool), `api.rs` (`/api/v1`),
 //! `ops.rs` (`/healthz`, `/readyz`, `/metrics`, the monitor page and its live stream).
