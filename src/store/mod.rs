@@ -153,6 +153,27 @@ impl Change {
     }
 }
 
+/// Which row a change writes: (table, pool, id). `None` for a pool deletion, which touches
+/// many rows and must keep its place among the changes around it.
+pub type RowKey<'a> = (u8, &'a str, u64);
+
+impl Change {
+    pub fn row(&self) -> Option<RowKey<'_>> {
+        Some(match self {
+            Change::Pool { pool, .. } => (0, pool.as_str(), 0),
+            Change::PoolDeleted { .. } => return None,
+            Change::Vm { pool, vm } => (1, pool.as_str(), vm.id),
+            Change::VmDeleted { pool, id } => (1, pool.as_str(), *id),
+            Change::Batch { pool, batch } => (2, pool.as_str(), batch.id),
+            Change::BatchDeleted { pool, id } => (2, pool.as_str(), *id),
+            Change::Handle { pool, handle } => (3, pool.as_str(), handle.id),
+            Change::HandleDeleted { pool, id } => (3, pool.as_str(), *id),
+            Change::Node(n) => (4, "", n.id),
+            Change::NodeDeleted { id } => (4, "", *id),
+        })
+    }
+}
+
 #[async_trait::async_trait]
 pub trait Store: Send + Sync + 'static {
     /// Every pool with all its rows, pools ordered by name, rows by id; preps/pending in stored order.

@@ -40,47 +40,21 @@ impl<'a> Plan<'a> {
         let mut plan = Plan::default();
         let mut rows = HashSet::with_capacity(changes.len());
         for c in changes {
-            let fresh = match c {
-                Change::Pool { pool, size, next_vm, next_batch, next_handle, preps, pending } => {
-                    plan.pools.push(PoolRow { pool, size: *size, counters: [*next_vm, *next_batch, *next_handle], preps, pending });
-                    rows.insert((0, pool.as_str(), 0))
-                }
-                Change::PoolDeleted { .. } => return None,
-                Change::Vm { pool, vm } => {
-                    plan.vms.push((pool, vm));
-                    rows.insert((1, pool.as_str(), vm.id))
-                }
-                Change::VmDeleted { pool, id } => {
-                    plan.deletes.push(c);
-                    rows.insert((1, pool.as_str(), *id))
-                }
-                Change::Batch { pool, batch } => {
-                    plan.batches.push((pool, batch));
-                    rows.insert((2, pool.as_str(), batch.id))
-                }
-                Change::BatchDeleted { pool, id } => {
-                    plan.deletes.push(c);
-                    rows.insert((2, pool.as_str(), *id))
-                }
-                Change::Handle { pool, handle } => {
-                    plan.handles.push((pool, handle));
-                    rows.insert((3, pool.as_str(), handle.id))
-                }
-                Change::HandleDeleted { pool, id } => {
-                    plan.deletes.push(c);
-                    rows.insert((3, pool.as_str(), *id))
-                }
-                Change::Node(n) => {
-                    plan.nodes.push(n);
-                    rows.insert((4, "", n.id))
-                }
-                Change::NodeDeleted { id } => {
-                    plan.deletes.push(c);
-                    rows.insert((4, "", *id))
-                }
-            };
-            if !fresh {
+            if !rows.insert(c.row()?) {
                 return None;
+            }
+            match c {
+                Change::Pool { pool, size, next_vm, next_batch, next_handle, preps, pending } => {
+                    plan.pools.push(PoolRow { pool, size: *size, counters: [*next_vm, *next_batch, *next_handle], preps, pending })
+                }
+                Change::Vm { pool, vm } => plan.vms.push((pool, vm)),
+                Change::Batch { pool, batch } => plan.batches.push((pool, batch)),
+                Change::Handle { pool, handle } => plan.handles.push((pool, handle)),
+                Change::Node(n) => plan.nodes.push(n),
+                Change::PoolDeleted { .. } => unreachable!("row() is None for it"),
+                Change::VmDeleted { .. } | Change::BatchDeleted { .. } | Change::HandleDeleted { .. } | Change::NodeDeleted { .. } => {
+                    plan.deletes.push(c)
+                }
             }
         }
         Some(plan)

@@ -161,22 +161,6 @@ async fn commit(store: &dyn Store, group: &mut Vec<Request>) {
     }
 }
 
-/// Which row a change writes; `None` for changes that must keep their place (pool deletion).
-fn row_key(c: &Change) -> Option<(u8, &str, u64)> {
-    Some(match c {
-        Change::Pool { pool, .. } => (0, pool.as_str(), 0),
-        Change::PoolDeleted { .. } => return None,
-        Change::Vm { pool, vm } => (1, pool.as_str(), vm.id),
-        Change::VmDeleted { pool, id } => (1, pool.as_str(), *id),
-        Change::Batch { pool, batch } => (2, pool.as_str(), batch.id),
-        Change::BatchDeleted { pool, id } => (2, pool.as_str(), *id),
-        Change::Handle { pool, handle } => (3, pool.as_str(), handle.id),
-        Change::HandleDeleted { pool, id } => (3, pool.as_str(), *id),
-        Change::Node(n) => (4, "", n.id),
-        Change::NodeDeleted { id } => (4, "", *id),
-    })
-}
-
 /// A group often rewrites the same rows (the pool row after every event, a VM on each step of
 /// its way). Each row's final change is what the group commits; it takes the place of the row's
 /// first change, so a row is never written before one it depends on (a pool before its VMs).
@@ -184,7 +168,7 @@ fn row_key(c: &Change) -> Option<(u8, &str, u64)> {
 fn last_write_per_row(all: &[Change]) -> Option<Vec<Change>> {
     let mut last = std::collections::HashMap::with_capacity(all.len());
     for (i, c) in all.iter().enumerate() {
-        last.insert(row_key(c)?, i);
+        last.insert(c.row()?, i);
     }
     if last.len() == all.len() {
         return None;
@@ -193,7 +177,7 @@ fn last_write_per_row(all: &[Change]) -> Option<Vec<Change>> {
     let merged = all
         .iter()
         .filter_map(|c| {
-            let key = row_key(c).expect("checked above");
+            let key = c.row().expect("checked above");
             seen.insert(key).then(|| all[last[&key]].clone())
         })
         .collect();

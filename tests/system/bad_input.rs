@@ -25,9 +25,7 @@ async fn refused(app: &TestApp, method: &str, path: &str, status: StatusCode, co
 #[tokio::test]
 async fn bad_vmcloud_input_is_refused_and_changes_nothing() {
     let app = TestApp::spawn().await;
-    app.post_ok("/set-pool-size/1/4/60000").await;
-    let b: u64 = app.post_ok("/prepare-batch/1/h").await.parse().unwrap();
-    let (h, _) = app.lock_assigned(b).await;
+    let (_, h, _) = app.held_vm(1, 4).await;
     app.until_status("settled", |s| s["preps"].as_array().unwrap().is_empty()).await;
 
     refused(&app, "POST", "/set-pool-size/5/2/0", StatusCode::BAD_REQUEST, "invalid_param", "min").await;
@@ -72,9 +70,7 @@ async fn a_max_above_the_cap_is_clamped_and_the_clamp_reported() {
 #[tokio::test]
 async fn shutdown_with_the_admin_token_empties_the_pool() {
     let app = TestApp::spawn().await;
-    app.post_ok("/set-pool-size/2/4/60000").await;
-    let b: u64 = app.post_ok("/prepare-batch/1/h").await.parse().unwrap();
-    let (h, _) = app.lock_assigned(b).await;
+    let (_, h, _) = app.held_vm(2, 4).await;
     let bad = app.client.post(format!("{}/shutdown", app.base)).bearer_auth("wrong").send().await.unwrap();
     assert_eq!(bad.status(), StatusCode::UNAUTHORIZED);
     let r = app.client.post(format!("{}/shutdown", app.base)).bearer_auth(ADMIN).send().await.unwrap();

@@ -13,9 +13,7 @@ fn restarts(metrics: &str, actor: &str) -> u64 {
 #[tokio::test]
 async fn a_panicking_session_is_restarted_and_keeps_its_vm() {
     let app = TestApp::spawn().await;
-    app.post_ok("/set-pool-size/1/3/60000").await;
-    let b: u64 = app.post_ok("/prepare-batch/1/h").await.parse().unwrap();
-    let (h, vm) = app.lock_assigned(b).await;
+    let (_, h, vm) = app.held_vm(1, 3).await;
     let before = restarts(&app.get("/metrics").await.text().await.unwrap(), "session");
     app.hive.pool("default").unwrap().inject_session_crash(vm);
     until("session restart counted", Duration::from_secs(5), || async {
@@ -38,9 +36,7 @@ async fn a_panicking_session_is_restarted_and_keeps_its_vm() {
 #[tokio::test]
 async fn a_panicking_pool_manager_is_rebuilt_from_the_store() {
     let app = TestApp::spawn().await;
-    app.post_ok("/set-pool-size/1/1/60000").await;
-    let b: u64 = app.post_ok("/prepare-batch/1/h").await.parse().unwrap();
-    let (h1, vm) = app.lock_assigned(b).await;
+    let (b, h1, vm) = app.held_vm(1, 1).await;
     let h2: u64 = app.post_ok(&format!("/lock/{b}")).await.parse().unwrap();
     let before = app.all_status().await;
     let pool = app.hive.pool("default").unwrap();

@@ -130,6 +130,15 @@ impl TestApp {
         .await
     }
 
+    /// Size the default pool to min/max (linger 60 s), prepare a batch of one and lock it;
+    /// returns (batch, handle, vmid) once the handle holds its VM.
+    pub async fn held_vm(&self, min: u32, max: u32) -> (u64, u64, u64) {
+        self.post_ok(&format!("/set-pool-size/{min}/{max}/60000")).await;
+        let b: u64 = self.post_ok("/prepare-batch/1/h").await.parse().expect("batch id");
+        let (h, vm) = self.lock_assigned(b).await;
+        (b, h, vm)
+    }
+
     /// Lock `batch` and wait until the handle is assigned; returns (handle, vmid).
     pub async fn lock_assigned(&self, batch: u64) -> (u64, u64) {
         let h: u64 = self.post_ok(&format!("/lock/{batch}")).await.parse().expect("handle id");

@@ -94,9 +94,7 @@ async fn over_locking_prepares_one_more_vm() {
 #[tokio::test]
 async fn release_cleans_the_vm_back_to_free_and_deletes_the_handle() {
     let app = TestApp::spawn().await;
-    app.post_ok("/set-pool-size/1/5/60000").await;
-    let b: u64 = app.post_ok("/prepare-batch/1/h").await.parse().unwrap();
-    let (h, vm) = app.lock_assigned(b).await;
+    let (b, h, vm) = app.held_vm(1, 5).await;
     let status = app.json(&format!("/handle-status/{h}")).await;
     assert_eq!(status["vm"]["state"], OCCUPIED);
     assert_eq!(status["expires"], false);
@@ -145,9 +143,7 @@ async fn cancel_batch_cleans_unlocked_ready_vms() {
 #[tokio::test]
 async fn handle_expires_after_renew_expire() {
     let app = TestApp::spawn().await;
-    app.post_ok("/set-pool-size/1/5/60000").await;
-    let b: u64 = app.post_ok("/prepare-batch/1/h").await.parse().unwrap();
-    let (h, vm) = app.lock_assigned(b).await;
+    let (_, h, vm) = app.held_vm(1, 5).await;
     assert_eq!(app.post_ok(&format!("/renew-expire/{h}/400")).await, "{}");
     let status = app.json(&format!("/handle-status/{h}")).await;
     assert_eq!(status["expires"], true);
@@ -168,9 +164,7 @@ async fn handle_expires_after_renew_expire() {
 #[tokio::test]
 async fn vm_whose_pings_fail_is_killed_and_its_handle_lost() {
     let app = TestApp::builder().timeouts(Timeouts { healthy: 600, ..Timeouts::default() }).spawn().await;
-    app.post_ok("/set-pool-size/1/5/60000").await;
-    let b: u64 = app.post_ok("/prepare-batch/1/h").await.parse().unwrap();
-    let (h, vm) = app.lock_assigned(b).await;
+    let (_, h, vm) = app.held_vm(1, 5).await;
     let placement =
         app.hive.pool("default").unwrap().status().await.unwrap().vms.into_iter().find(|v| v.id == vm).unwrap().placement.unwrap();
     // Failure injection in the simulator: this VM stops answering health pings.
