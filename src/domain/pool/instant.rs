@@ -13,6 +13,11 @@ impl PoolState {
     /// # Panics
     /// If the rules keep asking for work after 1000 rounds (they must settle).
     pub fn settle_instantly(&mut self, now: Millis) {
+        self.settle_instantly_on(now, 1);
+    }
+
+    /// As `settle_instantly`, placing every new VM on `node`.
+    pub fn settle_instantly_on(&mut self, now: Millis, node: crate::domain::NodeId) {
         for _ in 0..1000 {
             let effects = self.take_effects();
             if effects.is_empty() {
@@ -21,7 +26,7 @@ impl PoolState {
             for e in effects {
                 match e {
                     Effect::Boot { vm, op } => {
-                        self.created(vm, op, Placement { node: 1, domain: format!("d{vm}") }, now);
+                        self.created(vm, op, Placement { node, domain: format!("d{vm}") }, now);
                         self.booted(vm, op, VmAddress { ip: format!("10.0.0.{vm}"), ..VmAddress::default() }, now);
                     }
                     Effect::Prepare { vm, op, .. } => self.prepared(vm, op, true, now),

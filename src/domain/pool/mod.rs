@@ -21,7 +21,8 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use serde::{Deserialize, Serialize};
 
 use super::vm::{Placement, Vm, VmState};
-use super::{BatchId, HandleId, Millis, VmId};
+use super::node::NodeUse;
+use super::{BatchId, HandleId, Millis, NodeId, VmId};
 
 /// `{min, max, linger}`; `linger` in milliseconds.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -207,6 +208,9 @@ pub struct PoolState {
     pub(crate) effects: Vec<Effect>,
     pub(crate) dirty: Dirty,
     pub(crate) passes: u64,
+    /// Nodes whose VMs may not be used as usual (suspect, draining, dead). Not stored: the
+    /// node registry tells a pool again when it starts.
+    pub(crate) node_use: BTreeMap<NodeId, NodeUse>,
 }
 
 impl PoolState {
@@ -228,6 +232,7 @@ impl PoolState {
             effects: Vec::new(),
             dirty: Dirty::default(),
             passes: 0,
+            node_use: BTreeMap::new(),
         }
     }
 
@@ -460,6 +465,22 @@ impl PoolState {
         v.enter(VmState::Wait, now);
         self.dirty.vms.insert(vm);
         self.effects.push(Effect::Prepare { vm, op, batch, home_page, profile_name });
+    }
+
+    /// A node's state changed (or is told again after a restart): VMs on a lost node leave
+    /// the pool, idle VMs on a draining node leave, and VMs on a held node get no new users.
+    pub fn set_node_use(&mut self, node: NodeId, usage: NodeUse, now: Millis) {
+        if usage == NodeUse::Normal {
+            self.node_use.remove(&node);
+        } else {
+            self.node_use.insert(node, usage);
+        }
+        self.run(now);
+    }
+
+    /// How the pool may use this VM's node.
+    pub(crate) fn node_use_of(&self, v: &Vm) -> NodeUse {
+        v.placement.as_ref().and_then(|p| self.node_use.get(&p.node).copied()).unwrap_or(NodeUse::Normal)
     }
 
     /// Remove a VM from the pool at once (KILLING is never counted) and have it destroyed.

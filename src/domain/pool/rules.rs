@@ -3,6 +3,7 @@
 //! from rule 1 after every action, exactly as the original's evaluation loop did.
 
 use super::{HandleEnd, PoolState};
+use crate::domain::node::NodeUse;
 use crate::domain::vm::VmState;
 use crate::domain::{BatchId, Millis, VmId};
 
@@ -59,7 +60,7 @@ impl PoolState {
     /// boot more when the queue outruns what is already booting.
     fn rule_preparation(&mut self, now: Millis) -> bool {
         // (a) Queue not empty and a FREE VM: prepare it for the batch at the front.
-        if let (Some(front), Some(free)) = (self.preps.front().copied(), self.first_vm(|v| v.state == VmState::Free)) {
+        if let (Some(front), Some(free)) = (self.preps.front().copied(), self.first_vm(|v| v.state == VmState::Free && self.node_use_of(v) == NodeUse::Normal)) {
             self.preps.pop_front();
             if self.batches.contains_key(&front) {
                 self.prepare_vm(free, front, now);
@@ -99,7 +100,7 @@ impl PoolState {
         let found = self.pending.iter().enumerate().find_map(|(i, p)| {
             let b = self.batches.get(&p.batch)?;
             self.handles.get(&p.handle)?;
-            let vm = b.vms.iter().find(|vm| self.vms.get(vm).is_some_and(|v| v.state == VmState::Ready))?;
+            let vm = b.vms.iter().find(|vm| self.vms.get(vm).is_some_and(|v| v.state == VmState::Ready && self.node_use_of(v) == NodeUse::Normal))?;
             Some((i, *p, *vm))
         });
         if let Some((i, p, vm)) = found {
@@ -174,12 +175,17 @@ impl PoolState {
         true
     }
 
-    /// Rule 5: kill a VM that has gone too long without a successful contact.
+    /// Rule 5: kill a VM that has gone too long without a successful contact, or whose node
+    /// is lost, or that idles on a draining node.
     fn rule_timeouts(&mut self, now: Millis) -> bool {
         let t = self.rules.timeouts;
-        let expired = self.first_vm(|v| match timeout_for(&t, v.state) {
-            Some(limit) => now.saturating_sub(v.contact) >= limit,
-            None => false,
+        let expired = self.first_vm(|v| {
+            let gone = match self.node_use_of(v) {
+                NodeUse::Lost => true,
+                NodeUse::Drain => v.state != VmState::Occupied,
+                NodeUse::Normal | NodeUse::Hold => false,
+            };
+            gone || timeout_for(&t, v.state).is_some_and(|limit| now.saturating_sub(v.contact) >= limit)
         });
         match expired {
             Some(vm) => {

@@ -186,6 +186,58 @@ fn unpinged_vm_times_out_and_its_handle_is_lost() {
 }
 
 #[test]
+fn a_lost_node_takes_its_vms_and_their_users_and_they_are_replaced() {
+    use crate::domain::node::NodeUse;
+    let mut p = pool(2, 4, 60_000);
+    let b = p.prepare_batch(1, "h".into(), T0).unwrap();
+    settle(&mut p, T0);
+    let h = p.lock(b, T0).unwrap();
+    assert!(p.handle(h).unwrap().vm.is_some());
+    p.take_effects();
+    p.set_node_use(1, NodeUse::Lost, T0 + 1);
+    assert!(p.vms().all(|v| v.placement.is_none()), "no VM on the lost node stays");
+    assert!(p.handle(h).is_none());
+    let effects = &p.effects;
+    assert!(effects.iter().any(|e| matches!(e, Effect::HandleEnded { why: HandleEnd::VmLost, .. })));
+    assert!(effects.iter().any(|e| matches!(e, Effect::Boot { .. })), "replacements boot");
+    p.settle_instantly_on(T0 + 1, 2);
+    assert_eq!(count(&p, VmState::Free) + count(&p, VmState::Ready), 2);
+    assert!(p.vms().all(|v| v.placement.as_ref().unwrap().node == 2));
+}
+
+#[test]
+fn no_user_is_given_a_vm_on_a_held_node() {
+    use crate::domain::node::NodeUse;
+    let mut p = pool(0, 2, 60_000);
+    let b = p.prepare_batch(1, "h".into(), T0).unwrap();
+    settle(&mut p, T0);
+    assert_eq!(count(&p, VmState::Ready), 1);
+    p.set_node_use(1, NodeUse::Hold, T0);
+    let h = p.lock(b, T0).unwrap();
+    settle(&mut p, T0);
+    assert!(p.handle(h).unwrap().vm.is_none(), "the READY VM on a suspect node is not handed out");
+    p.set_node_use(1, NodeUse::Normal, T0 + 1);
+    assert!(p.handle(h).unwrap().vm.is_some(), "the node is back: the lock is served");
+}
+
+#[test]
+fn draining_kills_idle_vms_and_keeps_users_until_release() {
+    use crate::domain::node::NodeUse;
+    let mut p = pool(2, 4, 60_000);
+    let b = p.prepare_batch(1, "h".into(), T0).unwrap();
+    settle(&mut p, T0);
+    let h = p.lock(b, T0).unwrap();
+    let held = p.handle(h).unwrap().vm.unwrap();
+    p.set_node_use(1, NodeUse::Drain, T0);
+    assert_eq!(p.vms().filter(|v| v.placement.is_some()).map(|v| v.id).collect::<Vec<_>>(), vec![held]);
+    p.settle_instantly_on(T0, 2);
+    p.release(h, T0).unwrap();
+    assert!(p.vm(held).is_none(), "released on a draining node: it leaves");
+    p.settle_instantly_on(T0, 2);
+    assert!(p.vms().all(|v| v.placement.as_ref().is_some_and(|pl| pl.node == 2)));
+}
+
+#[test]
 fn failed_preparation_requeues_batch_at_front() {
     let mut p = pool(0, 1, 60_000);
     let a = p.prepare_batch(1, "a".into(), T0).unwrap();
@@ -257,6 +309,7 @@ enum Op {
     Shutdown,
     Advance(u64),
     Ping(u64, bool),
+    Node(u8),
     /// Finish the n-th outstanding effect, successfully or not.
     Finish(usize, bool),
 }
@@ -272,6 +325,7 @@ fn op() -> impl Strategy<Value = Op> {
         Just(Op::Shutdown),
         (0u64..25_000).prop_map(Op::Advance),
         (1u64..20, any::<bool>()).prop_map(|(v, ok)| Op::Ping(v, ok)),
+        (0u8..4).prop_map(Op::Node),
         (0usize..8, prop::bool::weighted(0.85)).prop_map(|(i, ok)| Op::Finish(i, ok)),
         (0usize..8, prop::bool::weighted(0.85)).prop_map(|(i, ok)| Op::Finish(i, ok)),
         (0usize..8, prop::bool::weighted(0.85)).prop_map(|(i, ok)| Op::Finish(i, ok)),
@@ -297,6 +351,10 @@ proptest! {
                 Op::Shutdown => p.shutdown(now),
                 Op::Advance(ms) => { now += ms; p.tick(now); }
                 Op::Ping(vm, ok) => p.pinged(vm, ok, now),
+                Op::Node(u) => {
+                    use crate::domain::node::NodeUse::*;
+                    p.set_node_use(1, [Normal, Hold, Drain, Lost][usize::from(u)], now);
+                }
                 Op::Finish(i, ok) => {
                     if !outstanding.is_empty() {
                         let e = outstanding.remove(i % outstanding.len());
@@ -326,9 +384,10 @@ proptest! {
             let killable = p.vms().filter(|v| matches!(v.state, VmState::Free | VmState::Booting)).count();
             prop_assert!(p.vms().count() <= p.size().max as usize || killable == 0,
                 "{} VMs above max {} with {} killable", p.vms().count(), p.size().max, killable);
-            // A pending lock never waits while its batch has a READY VM.
+            // A pending lock never waits while its batch has a READY VM on a usable node.
             for pl in p.pending() {
-                let ready = p.batch(pl.batch).is_some_and(|b| b.vms.iter().any(|v| p.vm(*v).is_some_and(|v| v.state == VmState::Ready)));
+                let usable = |v: &crate::domain::vm::Vm| v.state == VmState::Ready && p.node_use_of(v) == crate::domain::node::NodeUse::Normal;
+                let ready = p.batch(pl.batch).is_some_and(|b| b.vms.iter().any(|v| p.vm(*v).is_some_and(usable)));
                 prop_assert!(!ready, "pending lock {:?} waits beside a READY VM", pl);
             }
             // Restoring the snapshot keeps every handle.
