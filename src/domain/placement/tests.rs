@@ -82,39 +82,67 @@ fn weighted_round_robin_shares_by_weight() {
     assert_eq!(count, [500, 100, 100], "exact shares over whole rounds");
 }
 
-/// The spec: with n bins and n balls, RANDOM's maximum load is about ln n / ln ln n, and
-/// TWO_CHOICES' about ln ln n / ln 2 + O(1). With a fixed seed, on 1,000 bins.
+/// Seeds for the statistical test: a plain list fixed in advance, not picked for the outcome.
+const SEEDS: [u64; 8] = [1, 2, 3, 4, 5, 6, 7, 8];
+
+/// Maximum load minus the mean load m / n after throwing `m` unit balls into `n` bins of equal,
+/// unbounded capacity (so a bin's load is its ball count).
+fn gap_above_mean(strategy: Strategy, seed: u64, n: u64, m: u64) -> f64 {
+    let mut b = bins(n, u64::MAX);
+    throw(&mut Distributor::new(strategy, seed), &mut b, m as usize);
+    max_load(&b) as f64 - m as f64 / n as f64
+}
+
+/// The spec: with n balls in n bins, RANDOM's maximum load is about ln n / ln ln n and
+/// TWO_CHOICES' about ln ln n / ln 2 + O(1) above the mean. Heavily loaded (m = 10 n), the gap
+/// above the mean stays ln ln n / ln 2 + O(1) for TWO_CHOICES while RANDOM's grows like
+/// sqrt(m ln n / n). On 1,000 bins, over the fixed SEEDS.
+///
+/// Measured (rand 0.9 StdRng), seeds 1-8: m = n: RANDOM max 5,5,5,6,5,5,6,6 (mean 5.4),
+/// TWO_CHOICES max 3 with every seed; m = 10 n: RANDOM gap 13,9,15,14,10,10,11,11 (mean 11.6),
+/// TWO_CHOICES gap 2 with every seed. Over seeds 0-39: RANDOM max 5-7 and heavy gap 9-16,
+/// TWO_CHOICES max 2-3 and heavy gap 2-3. The bounds below come from theory, not from these.
 #[test]
 fn two_choices_beats_random_as_balls_into_bins_predicts() {
     let n = 1000u64;
     let ln_n = (n as f64).ln();
-    let random_expect = ln_n / ln_n.ln(); // ≈ 3.6
-    let two_expect = ln_n.ln() / std::f64::consts::LN_2; // ≈ 2.8
+    let random_expect = ln_n / ln_n.ln(); // ≈ 3.58
+    let two_expect = ln_n.ln() / std::f64::consts::LN_2; // ≈ 2.79
+    let heavy_scale = (10.0 * ln_n).sqrt(); // sqrt(m ln n / n) ≈ 8.31 at m = 10 n
 
-    let mut random = bins(n, u64::MAX);
-    throw(&mut Distributor::new(Strategy::Random, 42), &mut random, n as usize);
-    let mut two = bins(n, u64::MAX);
-    throw(&mut Distributor::new(Strategy::TwoChoices, 42), &mut two, n as usize);
-    let (r, t) = (max_load(&random) as f64, max_load(&two) as f64);
-    // Mean load is 1. RANDOM lands within a couple of the prediction, above TWO_CHOICES;
-    // TWO_CHOICES stays within O(1) (here: 1.5) of its prediction.
-    eprintln!("n={n}: RANDOM max {r} (ln n/ln ln n = {random_expect:.2}), TWO_CHOICES max {t} (ln ln n/ln 2 = {two_expect:.2})");
-    // ln n / ln ln n is the leading term only: at n = 1,000 the lower-order terms add about
-    // 2-3 (the typical maximum is 5-7), hence the tolerance.
-    assert!(r >= random_expect && r <= random_expect + 4.0, "RANDOM max {r}, expected about {random_expect:.2}");
-    assert!(t <= two_expect + 1.5, "TWO_CHOICES max {t}, expected about {two_expect:.2} + O(1)");
-    assert!(t < r, "TWO_CHOICES ({t}) below RANDOM ({r})");
+    let (mut random_sum, mut two_sum, mut random_heavy_sum) = (0.0, 0.0, 0.0);
+    for seed in SEEDS {
+        // m = n: the mean load is 1.
+        let (r, t) = (gap_above_mean(Strategy::Random, seed, n, n), gap_above_mean(Strategy::TwoChoices, seed, n, n));
+        // m = 10 n: the mean load is 10.
+        let (rh, th) = (gap_above_mean(Strategy::Random, seed, n, 10 * n), gap_above_mean(Strategy::TwoChoices, seed, n, 10 * n));
+        eprintln!("seed {seed}: m=n RANDOM max {}, TWO_CHOICES max {}; m=10n gaps RANDOM {rh}, TWO_CHOICES {th}", r + 1.0, t + 1.0);
 
-    // Heavily loaded (10 balls a bin): the gap above the mean stays O(ln ln n) for TWO_CHOICES
-    // while RANDOM's grows like sqrt(mean · ln n).
-    let mut random = bins(n, u64::MAX);
-    throw(&mut Distributor::new(Strategy::Random, 43), &mut random, 10 * n as usize);
-    let mut two = bins(n, u64::MAX);
-    throw(&mut Distributor::new(Strategy::TwoChoices, 43), &mut two, 10 * n as usize);
-    let (r_gap, t_gap) = (max_load(&random) as f64 - 10.0, max_load(&two) as f64 - 10.0);
-    eprintln!("10 balls a bin: RANDOM {r_gap} above the mean, TWO_CHOICES {t_gap}");
-    assert!(t_gap <= two_expect + 1.5, "TWO_CHOICES gap above the mean {t_gap}");
-    assert!(r_gap >= 2.0 * t_gap, "RANDOM gap {r_gap} vs TWO_CHOICES gap {t_gap}");
+        // ln n / ln ln n is only the leading term: at n = 1,000 the lower-order terms add about
+        // 2-3 (the typical maximum is 5-6), hence the wide upper tolerance.
+        let random_max = r + 1.0;
+        assert!(
+            random_max >= random_expect - 1.0 && random_max <= random_expect + 4.0,
+            "seed {seed}: RANDOM max {random_max}, expected about {random_expect:.2}"
+        );
+        assert!(t <= two_expect + 2.0, "seed {seed}: TWO_CHOICES gap {t}, expected {two_expect:.2} + O(1)");
+        assert!(th <= two_expect + 2.0, "seed {seed}, m = 10 n: TWO_CHOICES gap {th}, expected {two_expect:.2} + O(1)");
+        assert!(t < r, "seed {seed}: TWO_CHOICES max ({}) strictly below RANDOM's ({})", t + 1.0, r + 1.0);
+        assert!(th < rh, "seed {seed}, m = 10 n: TWO_CHOICES max ({}) strictly below RANDOM's ({})", th + 10.0, rh + 10.0);
+        random_sum += r;
+        two_sum += t;
+        random_heavy_sum += rh;
+    }
+    let k = SEEDS.len() as f64;
+    let (random_mean, two_mean, random_heavy_mean) = (random_sum / k, two_sum / k, random_heavy_sum / k);
+    assert!(random_mean >= two_mean + 1.0, "mean gaps at m = n: RANDOM {random_mean}, TWO_CHOICES {two_mean}");
+    // The Gaussian estimate is sqrt(2 m ln n / n) ≈ 1.41 × scale; at 10 balls a bin the Poisson
+    // tail is heavier than the Gaussian one, so allow up to 2 × scale.
+    assert!(
+        random_heavy_mean >= heavy_scale && random_heavy_mean <= 2.0 * heavy_scale,
+        "m = 10 n: RANDOM mean gap {random_heavy_mean}, expected between {heavy_scale:.2} and {:.2}",
+        2.0 * heavy_scale
+    );
 }
 
 #[test]

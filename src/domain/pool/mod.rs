@@ -478,6 +478,21 @@ impl PoolState {
         self.run(now);
     }
 
+    /// A node's agent reported the domains it holds (after it reconnected): VMs placed there
+    /// whose domain it no longer has are gone, and their users lose them.
+    pub fn domains_reported(&mut self, node: NodeId, held: &BTreeSet<String>, now: Millis) {
+        let gone: Vec<VmId> = self
+            .vms
+            .values()
+            .filter(|v| v.placement.as_ref().is_some_and(|p| p.node == node && !held.contains(&p.domain)))
+            .map(|v| v.id)
+            .collect();
+        for vm in gone {
+            self.kill(vm);
+        }
+        self.run(now);
+    }
+
     /// How the pool may use this VM's node.
     pub(crate) fn node_use_of(&self, v: &Vm) -> NodeUse {
         v.placement.as_ref().and_then(|p| self.node_use.get(&p.node).copied()).unwrap_or(NodeUse::Normal)

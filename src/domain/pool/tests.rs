@@ -206,6 +206,18 @@ fn a_lost_node_takes_its_vms_and_their_users_and_they_are_replaced() {
 }
 
 #[test]
+fn vms_whose_domain_the_node_no_longer_holds_leave() {
+    let mut p = pool(2, 4, 60_000);
+    settle(&mut p, T0);
+    let keep: BTreeSet<String> = ["d1".to_string()].into();
+    p.domains_reported(1, &keep, T0);
+    assert!(p.vm(1).is_some());
+    assert!(p.vm(2).is_none(), "d2 is gone from the node");
+    p.domains_reported(7, &BTreeSet::new(), T0);
+    assert!(p.vm(1).is_some(), "another node's report changes nothing here");
+}
+
+#[test]
 fn no_user_is_given_a_vm_on_a_held_node() {
     use crate::domain::node::NodeUse;
     let mut p = pool(0, 2, 60_000);
