@@ -2,15 +2,20 @@
 """Check web/openapi.json against the warp router.
 
 1. Validates the document as OpenAPI (openapi-spec-validator: `pip install openapi-spec-validator`).
-2. Extracts every (method, path) the router serves from src/http/mod.rs and src/http/ops.rs and
-   checks that the document describes exactly those operations, and that exactly the routes
-   that read the admin token (`auth()`) carry the `bearerAuth` security requirement.
+2. Extracts every (method, path) the router serves from src/http/{mod,ops,images,nodes,agent}.rs
+   and checks that the document describes exactly those operations; that exactly the routes
+   that read the Authorization header (`auth()`) carry a security requirement; and that
+   exactly those whose handler checks the admin token (`require_admin`) carry `bearerAuth`
+   (the others that read the header take another token: a join token, a node credential).
 
 The extraction is a plain regex reading of the code as it is written: each `let NAME = EXPR;`
-whose EXPR contains `warp::get()/post()/put()/delete()` is a route. Its path is the path of the
+whose EXPR contains `warp::get()/post()/put()/patch()/delete()` is a route. Its path is the path of the
 `let` it starts from (`pools`, `base()`), then `warp::path("x")` and `warp::path!(a / b / String)`
 segments in order (`String` is a parameter); `warp::path!(...).or(warp::path::end())` serves
-both that path and `/`. Path parameters are compared by position only (`{pool}` == `{id}`).
+both that path and `/`. A function whose returned expression (outside any `let`) names a
+method is one route of its own (`agent.rs`). Path parameters are compared by position only
+(`{pool}` == `{id}`). A route is an admin route when its handler (`timed("…", [module::]f(…))`,
+or the route's own text) calls `require_admin`, directly or through a function that does.
 The CORS preflight (OPTIONS on any path) is not a route of its own.
 
 Usage: python3 scripts/check-openapi.py   (from anywhere; exits 1 listing every mismatch)
@@ -23,14 +28,57 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "web" / "openapi.json"
-ROUTER_FILES = [ROOT / "src" / "http" / "mod.rs", ROOT / "src" / "http" / "ops.rs"]
-METHODS = ("get", "post", "put", "delete")
+HTTP = ROOT / "src" / "http"
+ROUTER_FILES = [HTTP / f for f in ("mod.rs", "ops.rs", "images.rs", "nodes.rs", "agent.rs")]
+METHODS = ("get", "post", "put", "patch", "delete")
 
 LET = re.compile(r"\blet\s+(?:mut\s+)?(\w+)\s*=\s*(.*?);", re.S)
 FN = re.compile(r"^(?:pub(?:\([^)]*\))?\s+)?(?:async\s+)?fn\s+\w+", re.M)
 SEGMENT = re.compile(r'warp::path\("([^"]*)"\)|warp::path!\(([^)]*)\)|warp::path::end\(\)')
-METHOD = re.compile(r"warp::(get|post|put|delete)\(\)")
+METHOD = re.compile(r"warp::(get|post|put|patch|delete)\(\)")
 PATH_OR_END = re.compile(r"warp::path!\(([^)]*)\)\s*\.or\(\s*warp::path::end\(\)\s*\)")
+FN_NAME = re.compile(r"fn\s+(\w+)")
+HANDLER = re.compile(r'timed\(\s*"[^"]*"\s*,\s*(?:(\w+)::)?(\w+)\(')
+USE_AS = re.compile(r"\buse\s+(\w+)\s+as\s+(\w+)\s*;")
+
+
+def functions(src):
+    """[(name, body)] of the top-level functions of a source file (a body runs to the next one)."""
+    starts = [m.start() for m in FN.finditer(src)] + [len(src)]
+    return [(FN_NAME.search(src[a:b]).group(1), src[a:b]) for a, b in zip(starts, starts[1:])]
+
+
+def admin_functions():
+    """{file stem: names of its functions that call `require_admin`, directly or via another}."""
+    out = {}
+    for f in HTTP.glob("*.rs"):
+        fns = functions(f.read_text())
+        admin, callees = set(), {"require_admin"}
+        while True:
+            call = re.compile(r"\b(%s)\(" % "|".join(sorted(callees)))
+            more = {n for n, body in fns if n not in admin and call.search(body)}
+            if not more:
+                break
+            admin |= more
+            callees |= more
+        out[f.stem] = admin
+    return out
+
+
+def is_admin(expr, src, stem, admin_fns):
+    """Does the route (its text `expr`, in file `stem`) check the admin token?"""
+    if "require_admin(" in expr:
+        return True
+    m = HANDLER.search(expr)
+    if not m:
+        return False
+    module, name = m.groups()
+    if module:
+        aliases = {alias: real for real, alias in USE_AS.findall(src)}
+        module = aliases.get(module, module)
+        if module == "super":
+            module = "mod"
+    return name in admin_fns.get(module or stem, set())
 
 
 def macro_segments(args):
@@ -67,15 +115,17 @@ def segments_of(expr, env):
 
 
 def router_routes():
-    """{(method, path): admin} from the router source."""
+    """{(method, path): (reads_token, admin)} from the router source."""
     routes, problems = {}, []
+    admin_fns = admin_functions()
     for f in ROUTER_FILES:
         src = f.read_text()
-        starts = [m.start() for m in FN.finditer(src)] + [len(src)]
-        for a, b in zip(starts, starts[1:]):
-            body = src[a:b]
+        for _, body in functions(src):
             env = {}
+            outside, pos = [], 0
             for m in LET.finditer(body):
+                outside.append(body[pos : m.start()])
+                pos = m.end()
                 name, expr = m.group(1), m.group(2)
                 methods = METHOD.findall(expr)
                 segs = segments_of(expr, env)
@@ -89,13 +139,24 @@ def router_routes():
                 if not re.search(r"\b%s\b" % re.escape(name), body[m.end():]):
                     problems.append(f"{f.name}: route `{name}` is defined but never mounted")
                     continue
-                admin = "auth()" in expr
-                for s in segs:
-                    key = (methods[0], "/" + "/".join(s))
-                    if key in routes:
-                        problems.append(f"{f.name}: {key[0].upper()} {key[1]} is defined twice")
-                    routes[key] = admin
+                add(routes, problems, f, methods[0], segs, ("auth()" in expr, is_admin(expr, src, f.stem, admin_fns)))
+            # The function's returned expression, when it is a route itself.
+            tail = "".join(outside) + body[pos:]
+            methods = METHOD.findall(tail)
+            if len(set(methods)) == 1:
+                segs = segments_of(tail[SEGMENT.search(tail).start() :] if SEGMENT.search(tail) else "", {})
+                add(routes, problems, f, methods[0], segs, ("auth()" in tail, is_admin(tail, src, f.stem, admin_fns)))
+            elif methods:
+                problems.append(f"{f.name}: a returned route has several methods {methods}; cannot read it")
     return routes, problems
+
+
+def add(routes, problems, f, method, segs, flags):
+    for s in segs:
+        key = (method, "/" + "/".join(s))
+        if key in routes:
+            problems.append(f"{f.name}: {key[0].upper()} {key[1]} is defined twice")
+        routes[key] = flags
 
 
 def normalize(path):
@@ -106,11 +167,11 @@ def doc_routes(doc):
     out = {}
     global_sec = doc.get("security")
     for path, item in doc.get("paths", {}).items():
-        for method in METHODS + ("head", "options", "patch", "trace"):
+        for method in METHODS + ("head", "options", "trace"):
             if method in item:
                 op = item[method]
                 sec = op.get("security", global_sec) or []
-                out[(method, normalize(path))] = (path, any("bearerAuth" in s for s in sec))
+                out[(method, normalize(path))] = (path, any(s for s in sec), any("bearerAuth" in s for s in sec))
     return out
 
 
@@ -137,17 +198,22 @@ def main():
     for key in sorted(set(documented) - set(routes)):
         errors.append(f"documented but not served: {key[0].upper()} {documented[key][0]}")
     for key in sorted(set(routes) & set(documented)):
-        admin, (path, secured) = routes[key], documented[key]
-        if admin and not secured:
-            errors.append(f"admin route without bearerAuth in the document: {key[0].upper()} {path}")
-        if secured and not admin:
-            errors.append(f"bearerAuth on a route that takes no token: {key[0].upper()} {path}")
+        (token, admin), (path, secured, bearer) = routes[key], documented[key]
+        name = f"{key[0].upper()} {path}"
+        if token and not secured:
+            errors.append(f"route reads Authorization but the document gives it no security: {name}")
+        if secured and not token:
+            errors.append(f"security on a route that takes no token: {name}")
+        if admin and not bearer:
+            errors.append(f"admin route without bearerAuth in the document: {name}")
+        if bearer and not admin:
+            errors.append(f"bearerAuth on a route that does not check the admin token: {name}")
 
     if errors:
         print("\n".join(errors), file=sys.stderr)
         print(f"FAIL: {len(errors)} problem(s)", file=sys.stderr)
         return 1
-    n_admin = sum(routes.values())
+    n_admin = sum(admin for _, admin in routes.values())
     print(f"ok: {len(routes)} operations on {len({p for _, p in routes})} paths match the router ({n_admin} admin)")
     return 0
 

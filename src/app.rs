@@ -1,5 +1,5 @@
-//! `Hive`: the control plane assembled from config: store, group-commit writer, simulated
-//! nodes (if any), the supervised actor tree, and the metrics recorder. `hive up`, `hive serve`
+//! `Hive`: the control plane assembled from config: store, group-commit writer, image registry,
+//! simulated nodes (if any), the supervised actor tree, and the metrics recorder. `hive up`, `hive serve`
 //! and the tests all start it the same way; the HTTP layer (`http::serve`) only borrows it.
 
 use std::sync::Arc;
@@ -15,9 +15,11 @@ use crate::actors::supervisor::{HiveHandle, HiveSupervisor, PoolDirectory, PoolT
 use crate::actors::{Clock, RestartPolicy};
 use crate::config::HiveConfig;
 use crate::domain::NodeId;
+use crate::domain::node::{AdminState, NodeClass};
 use crate::domain::pool::PoolSize;
 use crate::drivers::VmSpec;
 use crate::drivers::sim::SimHypervisor;
+use crate::images::ImageRegistry;
 use crate::store::{self, Change, NodeRecord, StoreError, StoreWriter};
 
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +44,7 @@ struct HiveInner {
     nodes: NodeRegistryHandle,
     supervisor: HiveHandle,
     writer: StoreWriter,
+    images: ImageRegistry,
     sims: Vec<(NodeId, Arc<SimHypervisor>)>,
     metrics: Option<PrometheusHandle>,
     clock: Clock,
@@ -54,54 +57,20 @@ impl Hive {
         std::fs::create_dir_all(&config.data_dir).map_err(|e| HiveError::DataDir(config.data_dir.display().to_string(), e))?;
         let metrics = crate::metrics::install();
         let store = store::open(&config.database_url()).await?;
-        let writer = StoreWriter::spawn(store);
         let timeout = Duration::from_millis(config.call_timeout_ms);
         let clock = Clock::new();
+        let images = ImageRegistry::open(store.clone(), &config.data_dir, &config.images, clock)
+            .await
+            .map_err(|e| HiveError::Start(format!("image registry: {e}")))?;
+        let writer = StoreWriter::spawn(store);
 
-        let mut sims = Vec::new();
-        let mut node_specs = Vec::new();
-        let sim_dir = config.data_dir.join("sim");
-        if config.sim.nodes > 0 {
-            std::fs::create_dir_all(&sim_dir).map_err(|e| HiveError::DataDir(sim_dir.display().to_string(), e))?;
-        }
-        let mut records = Vec::new();
-        for i in 1..=config.sim.nodes {
-            let id = NodeId::from(i);
-            let name = format!("sim-{i}");
-            let sim = Arc::new(SimHypervisor::new(
-                &name,
-                (i % 250) as u8,
-                config.sim.timings.clone(),
-                Some(sim_dir.join(format!("{name}.json"))),
-            ));
-            let address = format!("127.0.{}.1", i % 250);
-            records.push(Change::Node(NodeRecord {
-                id,
-                name: name.clone(),
-                driver: "sim".into(),
-                cores: config.sim.cores,
-                ram_mb: config.sim.ram_mb,
-                disk_mb: config.sim.disk_mb,
-                address: address.clone(),
-                state: "ready".into(),
-                created_at: clock.now(),
-            }));
-            node_specs.push(NodeSpec {
-                id,
-                name,
-                address,
-                cores: config.sim.cores,
-                ram_mb: config.sim.ram_mb,
-                disk_mb: config.sim.disk_mb,
-                driver: sim.clone(),
-            });
-            sims.push((id, sim));
-        }
-        writer.write(records).await?;
+        let timings = config.node.timings();
+        let nodes = NodeRegistryHandle::new(timeout, Duration::from_millis(config.node.command_timeout_ms));
+        let stored = writer.store().load_nodes().await?;
+        let (sims, node_specs) = simulated_nodes(&config, &stored, &writer, clock).await?;
 
         let restart = RestartPolicy { max: config.supervision.max_restarts, window: Duration::from_secs(config.supervision.window_secs) };
         let pools = PoolDirectory::default();
-        let nodes = NodeRegistryHandle::new(timeout);
         let template = PoolTemplate {
             rules: config.pool_rules(),
             writer: writer.clone(),
@@ -123,7 +92,8 @@ impl Hive {
             node_specs,
             template,
             default_size: config.pool.default_size,
-            health_interval: Duration::from_millis(config.pool.ping_interval_ms),
+            node_timings: timings,
+            placement_top_k: config.node.placement_top_k,
         };
         let (actor, join) = Actor::spawn(None, HiveSupervisor, args).await.map_err(|e| HiveError::Start(e.to_string()))?;
         let (tx, stopped) = tokio::sync::watch::channel(false);
@@ -140,6 +110,7 @@ impl Hive {
                 pools,
                 nodes,
                 writer,
+                images,
                 sims,
                 metrics,
                 clock,
@@ -176,12 +147,24 @@ impl Hive {
         self.inner.supervisor.delete_pool(name).await
     }
 
+    pub fn nodes_handle(&self) -> &NodeRegistryHandle {
+        &self.inner.nodes
+    }
+
+    pub fn store(&self) -> &Arc<dyn store::Store> {
+        self.inner.writer.store()
+    }
+
     pub async fn nodes(&self) -> Result<Vec<NodeView>, NodeError> {
         self.inner.nodes.list().await
     }
 
     pub async fn node(&self, id: NodeId) -> Result<NodeView, NodeError> {
         self.inner.nodes.get(id).await
+    }
+
+    pub fn images(&self) -> &ImageRegistry {
+        &self.inner.images
     }
 
     /// The simulated hypervisor of node `id` (failure injection in tests and demos).
@@ -208,4 +191,67 @@ impl Hive {
         self.inner.supervisor.stop();
         self.stopped().await;
     }
+}
+
+/// The simulated nodes of `hive up` (class participant, ids from 1) and the simulated cloud
+/// capacity (class cloud, ids from 5001), recorded in the store. An admin's cordon or drain of
+/// a simulated node survives a restart.
+async fn simulated_nodes(
+    config: &HiveConfig,
+    stored: &[NodeRecord],
+    writer: &StoreWriter,
+    clock: Clock,
+) -> Result<(Vec<(NodeId, Arc<SimHypervisor>)>, Vec<NodeSpec>), HiveError> {
+    let sim_dir = config.data_dir.join("sim");
+    let mut plan: Vec<(NodeId, String, NodeClass, u32, u64, u64)> = Vec::new();
+    for i in 1..=config.sim.nodes {
+        plan.push((NodeId::from(i), format!("sim-{i}"), NodeClass::Participant, config.sim.cores, config.sim.ram_mb, config.sim.disk_mb));
+    }
+    for i in 1..=config.cloud.nodes {
+        let c = &config.cloud;
+        plan.push((5000 + NodeId::from(i), format!("cloud-sim-{i}"), NodeClass::Cloud, c.cores, c.ram_mb, c.disk_mb));
+    }
+    if !plan.is_empty() {
+        std::fs::create_dir_all(&sim_dir).map_err(|e| HiveError::DataDir(sim_dir.display().to_string(), e))?;
+    }
+    let (mut sims, mut specs, mut records) = (Vec::new(), Vec::new(), Vec::new());
+    for (id, name, class, cores, ram_mb, disk_mb) in plan {
+        let net = (id % 250) as u8;
+        let sim = Arc::new(SimHypervisor::new(&name, net, config.sim.timings.clone(), Some(sim_dir.join(format!("{name}.json")))));
+        let admin = stored.iter().find(|r| r.id == id).and_then(|r| AdminState::parse(&r.admin)).unwrap_or_default();
+        let spec = NodeSpec {
+            id,
+            name,
+            address: format!("127.0.{net}.1"),
+            cores,
+            ram_mb,
+            disk_mb,
+            class,
+            admin,
+            driver: sim.clone(),
+            remote: None,
+            driver_name: "sim".into(),
+            credential_hash: None,
+            created_at: clock.now(),
+        };
+        records.push(Change::Node(NodeRecord {
+            id,
+            name: spec.name.clone(),
+            driver: "sim".into(),
+            cores,
+            ram_mb,
+            disk_mb,
+            address: spec.address.clone(),
+            state: "ready".into(),
+            created_at: spec.created_at,
+            remote: false,
+            class: class.name().into(),
+            admin: admin.name().into(),
+            credential_hash: None,
+        }));
+        specs.push(spec);
+        sims.push((id, sim));
+    }
+    writer.write(records).await?;
+    Ok((sims, specs))
 }

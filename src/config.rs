@@ -36,6 +36,9 @@ pub struct HiveConfig {
     pub vm: VmConfig,
     pub sim: SimConfig,
     pub supervision: SupervisionConfig,
+    pub images: ImagesConfig,
+    pub node: NodeConfig,
+    pub cloud: CloudConfig,
     /// How long an HTTP handler waits for an actor before answering 503.
     pub call_timeout_ms: u64,
 }
@@ -54,6 +57,10 @@ pub struct PoolConfig {
     pub ping_interval_ms: u64,
     /// Size of the `default` pool when it is first created.
     pub default_size: PoolSize,
+    /// A user's session ends this long after its VM was handed over (0: never), with a
+    /// `session-ending` event `session_warning_ms` before.
+    pub max_session_ms: u64,
+    pub session_warning_ms: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -76,6 +83,34 @@ pub struct SimConfig {
     pub timings: SimTimings,
 }
 
+/// Nodes that join over the network (`hive node`), and placement.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NodeConfig {
+    /// Agents send a heartbeat this often; silent for `suspect_after_ms` a node is suspect,
+    /// for `dead_after_ms` dead (its VMs are replaced elsewhere).
+    pub heartbeat_ms: u64,
+    pub suspect_after_ms: u64,
+    pub dead_after_ms: u64,
+    /// How long the hive waits for an agent to answer one hypervisor command.
+    pub command_timeout_ms: u64,
+    /// How long a join token may be exchanged for a node credential.
+    pub join_token_ttl_secs: u64,
+    /// Placement picks at random among this many best-weighted nodes (1: always the best).
+    pub placement_top_k: usize,
+}
+
+/// Elastic cloud capacity, used only when no participant node has room. Until a cloud driver
+/// exists, the simulator stands in for it (and says so).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CloudConfig {
+    pub nodes: u32,
+    pub cores: u32,
+    pub ram_mb: u64,
+    pub disk_mb: u64,
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct SupervisionConfig {
@@ -83,6 +118,22 @@ pub struct SupervisionConfig {
     /// failure in that window escalates to its supervisor.
     pub max_restarts: u32,
     pub window_secs: u64,
+}
+
+/// Image uploads and the origin's pieces (`images/`). Sizes in MiB.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ImagesConfig {
+    pub max_size_mb: u64,
+    pub piece_size_mb: u64,
+    /// Largest body of one upload PATCH (held in memory while it is written).
+    pub chunk_mb: u64,
+}
+
+impl Default for ImagesConfig {
+    fn default() -> Self {
+        ImagesConfig { max_size_mb: 20_480, piece_size_mb: 4, chunk_mb: 16 }
+    }
 }
 
 impl Default for HiveConfig {
@@ -96,6 +147,9 @@ impl Default for HiveConfig {
             vm: VmConfig::default(),
             sim: SimConfig::default(),
             supervision: SupervisionConfig::default(),
+            images: ImagesConfig::default(),
+            node: NodeConfig::default(),
+            cloud: CloudConfig::default(),
             call_timeout_ms: 5_000,
         }
     }
@@ -112,6 +166,8 @@ impl Default for PoolConfig {
             boot_backoff_max_ms: rules.boot_backoff_max,
             ping_interval_ms: 5_000,
             default_size: PoolSize { min: 2, max: 10, linger: 60_000 },
+            max_session_ms: rules.max_session,
+            session_warning_ms: rules.session_warning,
         }
     }
 }
@@ -125,6 +181,36 @@ impl Default for VmConfig {
 impl Default for SimConfig {
     fn default() -> Self {
         SimConfig { nodes: 3, cores: 8, ram_mb: 16 * 1024, disk_mb: 200 * 1024, timings: SimTimings::default() }
+    }
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        let t = crate::domain::node::NodeTimings::default();
+        NodeConfig {
+            heartbeat_ms: t.heartbeat_ms,
+            suspect_after_ms: t.suspect_after_ms,
+            dead_after_ms: t.dead_after_ms,
+            command_timeout_ms: 60_000,
+            join_token_ttl_secs: 24 * 3600,
+            placement_top_k: 3,
+        }
+    }
+}
+
+impl Default for CloudConfig {
+    fn default() -> Self {
+        CloudConfig { nodes: 0, cores: 64, ram_mb: 256 * 1024, disk_mb: 2048 * 1024 }
+    }
+}
+
+impl NodeConfig {
+    pub fn timings(&self) -> crate::domain::node::NodeTimings {
+        crate::domain::node::NodeTimings {
+            heartbeat_ms: self.heartbeat_ms,
+            suspect_after_ms: self.suspect_after_ms,
+            dead_after_ms: self.dead_after_ms,
+        }
     }
 }
 
@@ -183,6 +269,9 @@ impl HiveConfig {
                 p.ping_interval_ms, p.timeouts_ms.healthy
             ));
         }
+        if p.max_session_ms > 0 && p.session_warning_ms >= p.max_session_ms {
+            bad.push(format!("pool.session_warning_ms ({}) must be below pool.max_session_ms ({})", p.session_warning_ms, p.max_session_ms));
+        }
         if self.vm.cores == 0 || self.vm.ram_mb == 0 {
             bad.push("vm.cores and vm.ram_mb must be above 0".into());
         }
@@ -194,6 +283,23 @@ impl HiveConfig {
         }
         if self.supervision.max_restarts == 0 || self.supervision.window_secs == 0 {
             bad.push("supervision.max_restarts and supervision.window_secs must be above 0".into());
+        }
+        let i = &self.images;
+        if i.max_size_mb == 0 || !(1..=1024).contains(&i.piece_size_mb) || !(1..=1024).contains(&i.chunk_mb) {
+            bad.push("images.max_size_mb must be above 0; images.piece_size_mb and images.chunk_mb between 1 and 1024".into());
+        }
+        let n = &self.node;
+        if n.heartbeat_ms == 0 || n.suspect_after_ms <= n.heartbeat_ms || n.dead_after_ms <= n.suspect_after_ms {
+            bad.push(format!(
+                "node: need 0 < heartbeat_ms ({}) < suspect_after_ms ({}) < dead_after_ms ({})",
+                n.heartbeat_ms, n.suspect_after_ms, n.dead_after_ms
+            ));
+        }
+        if n.command_timeout_ms == 0 || n.join_token_ttl_secs == 0 || n.placement_top_k == 0 {
+            bad.push("node.command_timeout_ms, node.join_token_ttl_secs and node.placement_top_k must be above 0".into());
+        }
+        if self.cloud.nodes > 0 && (self.cloud.cores < self.vm.cores || self.cloud.ram_mb < self.vm.ram_mb) {
+            bad.push("cloud nodes are smaller than one VM (cloud.cores/cloud.ram_mb below vm.cores/vm.ram_mb)".into());
         }
         if self.call_timeout_ms == 0 {
             bad.push("call_timeout_ms must be above 0".into());
@@ -217,6 +323,8 @@ impl HiveConfig {
             max_batch: self.pool.max_batch,
             boot_backoff: self.pool.boot_backoff_ms,
             boot_backoff_max: self.pool.boot_backoff_max_ms,
+            max_session: self.pool.max_session_ms,
+            session_warning: self.pool.session_warning_ms,
         }
     }
 }

@@ -1,8 +1,12 @@
 pub mod actors;
+pub mod agent;
 pub mod app;
 pub mod config;
+pub mod ctl;
 pub mod domain;
 pub mod drivers;
 pub mod http;
+pub mod images;
+pub mod membership;
 pub mod metrics;
 pub mod store;

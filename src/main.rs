@@ -21,6 +21,80 @@ enum Cmd {
     Up(UpArgs),
     /// The control plane alone (nodes join it; no simulated nodes).
     Serve(ServeArgs),
+    /// A command-line client of a running hive's HTTP API.
+    Ctl(guaca_hive::ctl::CtlArgs),
+    /// The node agent: lend this host's CPU, RAM and disk to a hive.
+    Node(NodeArgs),
+}
+
+#[derive(Args)]
+struct NodeArgs {
+    /// Base URL of the hive.
+    #[arg(long, env = "HIVE_URL", default_value = "http://127.0.0.1:8080")]
+    hive: String,
+    /// A join token from an admin (first run), or this node's credential. Read from the
+    /// environment (HIVE_NODE_TOKEN) to keep it out of the process list.
+    #[arg(long, env = "HIVE_NODE_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Hypervisor driver: `sim` (a simulator; no real VMs) or `libvirt`.
+    #[arg(long, default_value = "sim")]
+    driver: String,
+    /// Cores to lend (default: all logical CPUs).
+    #[arg(long)]
+    cores: Option<u32>,
+    /// RAM to lend in MB (default: three quarters of the host's).
+    #[arg(long)]
+    ram_mb: Option<u64>,
+    /// Disk to lend in MB (default: half the free space of the data directory's disk).
+    #[arg(long)]
+    disk_mb: Option<u64>,
+    /// Where the credential and the hypervisor's state live.
+    #[arg(long, default_value = "hive-node-data")]
+    data_dir: PathBuf,
+    /// Name shown in the hive (default: the host name).
+    #[arg(long)]
+    name: Option<String>,
+    /// Address at which this host's VMs can be reached (VNC), as the hive should hand it out.
+    #[arg(long, default_value = "127.0.0.1")]
+    address: String,
+}
+
+async fn node(a: NodeArgs) -> anyhow::Result<()> {
+    use guaca_hive::agent::{self, AgentConfig, proto::Offer};
+    use guaca_hive::drivers::sim::{SimHypervisor, SimTimings};
+    std::fs::create_dir_all(&a.data_dir).with_context(|| format!("creating {}", a.data_dir.display()))?;
+    let hv: std::sync::Arc<dyn guaca_hive::drivers::Hypervisor> = match a.driver.as_str() {
+        "sim" => {
+            tracing::warn!("driver sim: a simulated hypervisor, not real VMs");
+            std::sync::Arc::new(SimHypervisor::new("agent", 200, SimTimings::default(), Some(a.data_dir.join("sim-state.json"))))
+        }
+        "libvirt" => anyhow::bail!("this build has no libvirt driver yet; use --driver sim"),
+        other => anyhow::bail!("unknown driver {other:?}: use sim or libvirt"),
+    };
+    let (cpus, ram, disk_free) = guaca_hive::agent::host::HostSampler::new(&a.data_dir).capacity();
+    let offer =
+        Offer { cores: a.cores.unwrap_or(cpus), ram_mb: a.ram_mb.unwrap_or(ram * 3 / 4), disk_mb: a.disk_mb.unwrap_or(disk_free / 2) };
+    let name = a
+        .name
+        .clone()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok().map(|s| s.trim().to_string()))
+        .unwrap_or_else(|| "node".into());
+    let cfg = AgentConfig {
+        hive: a.hive,
+        token: a.token,
+        name,
+        offer,
+        addresses: vec![a.address],
+        data_dir: a.data_dir,
+        backoff_max: std::time::Duration::from_secs(30),
+    };
+    tokio::select! {
+        r = agent::run(cfg, hv) => Ok(r?),
+        _ = shutdown_signal() => {
+            tracing::info!("agent stopping");
+            Ok(())
+        }
+    }
 }
 
 #[derive(Args)]
@@ -92,6 +166,8 @@ async fn main() -> anyhow::Result<()> {
         .init();
     let cli = Cli::parse();
     let (cfg, up) = match cli.cmd {
+        Cmd::Ctl(a) => std::process::exit(guaca_hive::ctl::main(a).await),
+        Cmd::Node(a) => return node(a).await,
         Cmd::Up(a) => {
             let mut cfg = load(&a.common)?;
             if let Some(n) = a.sim_nodes {

@@ -41,6 +41,12 @@ fn describe() {
     describe_counter!("hive_store_commits_total", "Group commits to the store, by outcome");
     describe_histogram!("hive_store_commit_seconds", "Duration of one group commit");
     describe_histogram!("hive_store_commit_changes", "Row changes per group commit");
+    describe_counter!("hive_cache_reads_total", "Piece reads through a node's cache, by outcome (local_hit, remote_hit, miss, skip)");
+    describe_counter!("hive_piece_bytes_total", "Piece bytes moved between nodes and the origin, by direction (down, up)");
+    describe_counter!("hive_bad_pieces_total", "Pieces discarded because they did not match their hash");
+    describe_counter!("hive_image_upload_bytes_total", "Image upload bytes received and fsynced");
+    describe_counter!("hive_image_uploads_total", "Image uploads ended, by outcome (complete, checksum_mismatch, aborted)");
+    describe_counter!("hive_image_piece_bytes_total", "Image piece bytes served by the origin");
 }
 
 pub fn vms(pool: &str, states: impl Iterator<Item = VmState>) {
@@ -74,9 +80,11 @@ pub fn actor_restart(kind: &'static str) {
     counter!("hive_actor_restarts_total", "actor" => kind).increment(1);
 }
 
-pub fn nodes(ready: usize, suspect: usize) {
-    gauge!("hive_nodes", "state" => "ready").set(ready as f64);
-    gauge!("hive_nodes", "state" => "suspect").set(suspect as f64);
+/// Nodes per state; every state is set (to 0 when empty) so a series never goes stale.
+pub fn nodes(by_state: &std::collections::BTreeMap<&'static str, usize>) {
+    for s in ["registering", "ready", "cordoned", "draining", "suspect", "dead"] {
+        gauge!("hive_nodes", "state" => s).set(by_state.get(s).copied().unwrap_or(0) as f64);
+    }
 }
 
 pub fn http(route: &'static str, status: u16, secs: f64) {
@@ -94,4 +102,31 @@ pub fn store_commit(ok: bool, changes: usize, secs: f64) {
     counter!("hive_store_commits_total", "outcome" => if ok { "ok" } else { "error" }).increment(1);
     histogram!("hive_store_commit_seconds").record(secs);
     histogram!("hive_store_commit_changes").record(changes as f64);
+}
+
+pub fn image_bytes_received(n: u64) {
+    counter!("hive_image_upload_bytes_total").increment(n);
+}
+
+/// `outcome`: "complete", "checksum_mismatch" or "aborted".
+pub fn image_upload(outcome: &'static str) {
+    counter!("hive_image_uploads_total", "outcome" => outcome).increment(1);
+}
+
+pub fn image_piece_served(bytes: u64) {
+    counter!("hive_image_piece_bytes_total").increment(bytes);
+}
+
+/// `outcome`: local_hit, remote_hit, miss or skip.
+pub fn cache_read(outcome: &'static str) {
+    counter!("hive_cache_reads_total", "outcome" => outcome).increment(1);
+}
+
+/// `direction`: down (fetched by this node) or up (served to a peer).
+pub fn piece_bytes(direction: &'static str, bytes: u64) {
+    counter!("hive_piece_bytes_total", "direction" => direction).increment(bytes);
+}
+
+pub fn bad_piece() {
+    counter!("hive_bad_pieces_total").increment(1);
 }

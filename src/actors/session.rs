@@ -211,6 +211,7 @@ async fn boot(me: ActorRef<SessionMsg>, key: VmKey, op: u64, pool: PoolHandle, n
         Ok(d) => d,
         Err(e) => {
             tracing::warn!(vm, node.id = placed.node, error = %e, "create failed");
+            nodes.failed(placed.node);
             nodes.free(&key);
             return pool.report(DriverReport::BootFailed { vm, op, placement: None });
         }
@@ -221,6 +222,7 @@ async fn boot(me: ActorRef<SessionMsg>, key: VmKey, op: u64, pool: PoolHandle, n
     let driver = placed.driver;
     let fail = |why: String| {
         tracing::warn!(vm, node.id = placed.node, error = %why, "boot failed");
+        nodes.failed(placed.node);
         pool.report(DriverReport::BootFailed { vm, op, placement: Some(placement.clone()) });
     };
     if let Err(e) = driver.start(&domain).await {

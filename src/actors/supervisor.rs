@@ -10,7 +10,8 @@ use std::time::Duration;
 use parking_lot::RwLock;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 
-use super::node::{NodeRegistry, NodeRegistryHandle, NodeSpec};
+use super::node::{NodeRegistry, NodeRegistryHandle, NodeSpec, RegistryArgs, remote_spec};
+use crate::domain::node::NodeTimings;
 use super::pool::{PoolArgs, PoolError, PoolHandle, PoolManager, PoolMsg};
 use super::{Clock, RestartLog, RestartPolicy, Slot};
 use crate::domain::pool::{PoolRules, PoolSize};
@@ -52,7 +53,9 @@ pub struct SupervisorArgs {
     pub node_specs: Vec<NodeSpec>,
     pub template: PoolTemplate,
     pub default_size: PoolSize,
-    pub health_interval: Duration,
+    pub node_timings: NodeTimings,
+    /// Placement picks at random among this many best-weighted nodes.
+    pub placement_top_k: usize,
 }
 
 pub enum HiveMsg {
@@ -187,10 +190,24 @@ async fn restart_pool(me: &ActorRef<HiveMsg>, st: &mut HiveState, pool: PoolHand
 }
 
 async fn start_registry(me: &ActorRef<HiveMsg>, args: &SupervisorArgs) -> Result<(), ActorProcessingErr> {
-    let (reg, _) = Actor::spawn_linked(None, NodeRegistry, (args.template.restart, args.health_interval), me.get_cell()).await?;
+    let reg_args = RegistryArgs {
+        policy: args.template.restart,
+        timings: args.node_timings,
+        pools: args.pools.clone(),
+        writer: args.template.writer.clone(),
+        clock: args.template.clock,
+        top_k: args.placement_top_k,
+        handle: args.nodes.clone(),
+    };
+    let (reg, _) = Actor::spawn_linked(None, NodeRegistry, reg_args, me.get_cell()).await?;
     args.nodes.slot().set(Some(reg));
     for spec in &args.node_specs {
         args.nodes.register(spec.clone()).await?;
+    }
+    // Agent-run nodes come from the store, so that those that joined since start survive a
+    // registry restart too.
+    for r in args.template.writer.store().load_nodes().await?.iter().filter(|r| r.remote) {
+        args.nodes.register(remote_spec(r, args.nodes.remote(r.id))).await?;
     }
     Ok(())
 }

@@ -69,6 +69,41 @@ pub enum NodeUse {
     Lost,
 }
 
+/// Who lends the node: a participant's own computer, or elastic cloud capacity that the
+/// scheduler uses only when no participant fits.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NodeClass {
+    #[default]
+    Participant,
+    Cloud,
+}
+
+impl NodeClass {
+    pub fn name(self) -> &'static str {
+        match self {
+            NodeClass::Participant => "participant",
+            NodeClass::Cloud => "cloud",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<NodeClass> {
+        match s {
+            "participant" => Some(NodeClass::Participant),
+            "cloud" => Some(NodeClass::Cloud),
+            _ => None,
+        }
+    }
+}
+
+/// A node's score in 0..=1: health history (half), end-user ratings (three tenths, with a
+/// prior of two 3-star ratings so one review does not decide), recent failures (the rest).
+pub fn score(uptime: f64, ratings: u64, stars: u64, recent_failures: u32) -> f64 {
+    let rating = (stars as f64 + 6.0) / (ratings as f64 + 2.0) / 5.0;
+    let failures = 1.0 / (1.0 + f64::from(recent_failures));
+    (0.5 * uptime + 0.3 * rating + 0.2 * failures).clamp(0.0, 1.0)
+}
+
 /// Administrative intent, independent of liveness.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -79,7 +114,27 @@ pub enum AdminState {
     Draining,
 }
 
+impl AdminState {
+    pub fn name(self) -> &'static str {
+        match self {
+            AdminState::Active => "active",
+            AdminState::Cordoned => "cordoned",
+            AdminState::Draining => "draining",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<AdminState> {
+        match s {
+            "active" => Some(AdminState::Active),
+            "cordoned" => Some(AdminState::Cordoned),
+            "draining" => Some(AdminState::Draining),
+            _ => None,
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct NodeTimings {
     pub heartbeat_ms: Millis,
     pub suspect_after_ms: Millis,
@@ -176,6 +231,9 @@ impl NodeHealth {
     }
 
     pub fn checked(&mut self, ok: bool, now: Millis) {
+        if !self.connected || self.dead {
+            return; // a check of a node with no agent says nothing new
+        }
         self.check_failed = !ok;
         if ok {
             if self.local {
@@ -280,6 +338,16 @@ mod tests {
         h.checked(false, 1);
         assert_eq!(h.state(1), NodeState::Suspect, "health beats admin intent");
         assert_eq!(NodeState::Dead.vm_policy(), NodeUse::Lost);
+    }
+
+    #[test]
+    fn score_rewards_health_and_ratings() {
+        let fresh = score(1.0, 0, 0, 0);
+        assert!(score(1.0, 10, 50, 0) > fresh, "five stars raise it");
+        assert!(score(1.0, 10, 10, 0) < fresh, "one star lowers it");
+        assert!(score(0.5, 0, 0, 0) < fresh);
+        assert!(score(1.0, 0, 0, 3) < fresh);
+        assert!((0.0..=1.0).contains(&score(0.0, 100, 100, 100)));
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! simulator and says so in every name it hands out). libvirt and others come later behind the
 //! same trait.
 
+pub mod remote;
 pub mod sim;
 
 use async_trait::async_trait;
@@ -13,12 +14,13 @@ use serde::{Deserialize, Serialize};
 /// Name of the snapshot taken right after a VM first boots; clean-up reverts to it.
 pub const CLEAN_SNAPSHOT: &str = "clean";
 
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
+#[serde(tag = "error", content = "detail", rename_all = "snake_case")]
 pub enum DriverError {
     #[error("no domain {0}")]
     NotFound(String),
     #[error("{0} is not supported by this driver")]
-    Unsupported(&'static str),
+    Unsupported(String),
     #[error("the guest has not checked in yet")]
     NotReady,
     #[error("hypervisor operation failed: {0}")]

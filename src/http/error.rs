@@ -10,6 +10,7 @@ use crate::actors::CallError;
 use crate::actors::node::NodeError;
 use crate::actors::pool::PoolError;
 use crate::domain::pool::PoolInputError;
+use crate::images::ImageError;
 use crate::store::StoreError;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -30,6 +31,9 @@ pub enum ApiError {
     NoRoute,
     #[error("method not allowed on this path")]
     MethodNotAllowed,
+    /// A refusal with a status and code of its own (image uploads: `offset_mismatch`, …).
+    #[error("{message}")]
+    Refused { status: StatusCode, code: &'static str, message: String },
 }
 
 impl ApiError {
@@ -47,6 +51,7 @@ impl ApiError {
             ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             ApiError::NoRoute => (StatusCode::NOT_FOUND, "no_route"),
             ApiError::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
+            ApiError::Refused { status, code, .. } => (*status, code),
         }
     }
 
@@ -101,8 +106,31 @@ impl From<NodeError> for ApiError {
     fn from(e: NodeError) -> Self {
         match e {
             NodeError::UnknownNode(_) => ApiError::NotFound { code: "unknown_node", message: e.to_string() },
-            NodeError::NoCapacity { .. } => ApiError::Unavailable(e.to_string()),
+            NodeError::NoCapacity { .. } | NodeError::Store(_) => ApiError::Unavailable(e.to_string()),
+            NodeError::BadCredential => ApiError::Refused { status: StatusCode::UNAUTHORIZED, code: "bad_credential", message: e.to_string() },
+            NodeError::Busy(..) => ApiError::Conflict(e.to_string()),
+            NodeError::Invalid { field, reason } => ApiError::BadParam { field, reason },
             NodeError::Call(c) => c.into(),
+        }
+    }
+}
+
+impl From<ImageError> for ApiError {
+    fn from(e: ImageError) -> Self {
+        let refused = |status, code| ApiError::Refused { status, code, message: e.to_string() };
+        match &e {
+            ImageError::Invalid { field, reason } => ApiError::BadParam { field, reason: reason.clone() },
+            ImageError::Exists(_) => refused(StatusCode::CONFLICT, "exists"),
+            ImageError::UploadMismatch { .. } => ApiError::Conflict(e.to_string()),
+            ImageError::UnknownUpload(_) => ApiError::NotFound { code: "unknown_upload", message: e.to_string() },
+            ImageError::UnknownImage(_) => ApiError::NotFound { code: "unknown_image", message: e.to_string() },
+            ImageError::UnknownPiece { .. } => ApiError::NotFound { code: "unknown_piece", message: e.to_string() },
+            ImageError::OffsetMismatch { .. } => refused(StatusCode::CONFLICT, "offset_mismatch"),
+            ImageError::ChunkTooLarge { .. } => refused(StatusCode::PAYLOAD_TOO_LARGE, "chunk_too_large"),
+            ImageError::Incomplete { .. } => refused(StatusCode::CONFLICT, "incomplete"),
+            ImageError::ChecksumMismatch { .. } => refused(StatusCode::UNPROCESSABLE_ENTITY, "checksum_mismatch"),
+            ImageError::Store(s) => s.clone().into(),
+            ImageError::Io(_) | ImageError::NoImageStore => ApiError::Unavailable(e.to_string()),
         }
     }
 }

@@ -6,11 +6,16 @@
 //! OpenAPI document, `/metrics` itself and the long-lived SSE stream are not timed).
 //!
 //! Surfaces: `vmcloud.rs` (the original API on the `default` pool), `api.rs` (`/api/v1`),
+//! `images.rs` (`/api/v1/images`: uploads, images, manifests and pieces), `nodes.rs` (join
+//! tokens, joining, node admin, rewards, ratings), `agent.rs` (the agents' WebSocket),
 //! `ops.rs` (`/healthz`, `/readyz`, `/metrics`, the monitor page and its live stream).
 
 mod api;
 mod auth;
 mod error;
+mod agent;
+mod images;
+mod nodes;
 mod ops;
 mod reply;
 pub mod vmcloud;
@@ -50,6 +55,12 @@ pub fn routes(hive: Hive) -> BoxedFilter<(Response,)> {
         .or(vmcloud_routes(hive.clone()))
         .unify()
         .or(api_routes(hive.clone()))
+        .unify()
+        .or(images::routes(hive.clone()))
+        .unify()
+        .or(nodes::routes(hive.clone()))
+        .unify()
+        .or(agent::route(hive.clone()))
         .unify()
         .or(ops::routes(hive))
         .unify()

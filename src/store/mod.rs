@@ -6,6 +6,8 @@
 //! changes into one transaction so that durability before answering costs one commit per group,
 //! not one per request. All SQL of the crate lives under this module.
 
+pub mod images;
+pub mod nodes;
 pub mod sqlite;
 mod sqlite_rows;
 pub mod writer;
@@ -20,6 +22,8 @@ use serde::{Deserialize, Serialize};
 use crate::domain::pool::{Batch, Handle, PendingLock, PoolSize, PoolSnapshot};
 use crate::domain::vm::Vm;
 
+pub use images::ImageStore;
+pub use nodes::{NodeStore, Rating};
 pub use sqlite::SqliteStore;
 pub use writer::StoreWriter;
 
@@ -83,6 +87,26 @@ pub struct NodeRecord {
     pub address: String,
     pub state: String,
     pub created_at: u64,
+    /// Runs `hive node` (joined over the network) rather than in-process.
+    pub remote: bool,
+    /// `participant` or `cloud` (elastic capacity used when no participant fits).
+    pub class: String,
+    /// `active`, `cordoned` or `draining`.
+    pub admin: String,
+    /// SHA-256 hex of the node's credential; the credential itself is never stored.
+    pub credential_hash: Option<String>,
+}
+
+/// One ended user session on a node: the rewards ledger's unit.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServedRecord {
+    pub node_id: u64,
+    pub pool: String,
+    pub handle: u64,
+    pub vm: u64,
+    pub cores: u32,
+    pub started_at: u64,
+    pub ended_at: u64,
 }
 
 /// One row-level change. A `Vec<Change>` is applied in ONE transaction, in order.
@@ -130,6 +154,8 @@ pub enum Change {
     NodeDeleted {
         id: u64,
     },
+    /// Append a row to the rewards ledger.
+    Served(ServedRecord),
 }
 
 impl Change {
@@ -170,6 +196,7 @@ impl Change {
             Change::HandleDeleted { pool, id } => (3, pool.as_str(), *id),
             Change::Node(n) => (4, "", n.id),
             Change::NodeDeleted { id } => (4, "", *id),
+            Change::Served(r) => (5, r.pool.as_str(), r.handle),
         })
     }
 }
@@ -184,6 +211,14 @@ pub trait Store: Send + Sync + 'static {
     /// A cheap round trip, for /readyz.
     async fn ping(&self) -> Result<(), StoreError>;
     fn kind(&self) -> &'static str;
+    /// Image and upload rows (`images.rs`), where this implementation holds them.
+    fn images(&self) -> Option<&dyn ImageStore> {
+        None
+    }
+    /// Join tokens, the rewards ledger and ratings (`nodes.rs`), where this implementation holds them.
+    fn node_rows(&self) -> Option<&dyn NodeStore> {
+        None
+    }
 }
 
 /// Choose the implementation by URL scheme: `sqlite://path/to/file.db` (created if missing).

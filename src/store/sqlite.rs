@@ -26,7 +26,7 @@ const MAX_CONNECTIONS: u32 = 4;
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub struct SqliteStore {
-    pool: SqlitePool,
+    pub(super) pool: SqlitePool,
 }
 
 impl SqliteStore {
@@ -150,6 +150,14 @@ impl Store for SqliteStore {
     fn kind(&self) -> &'static str {
         "sqlite"
     }
+
+    fn images(&self) -> Option<&dyn super::ImageStore> {
+        Some(self)
+    }
+
+    fn node_rows(&self) -> Option<&dyn super::NodeStore> {
+        Some(self)
+    }
 }
 
 pub(super) async fn apply_one(conn: &mut SqliteConnection, change: &Change) -> Result<(), StoreError> {
@@ -174,6 +182,16 @@ pub(super) async fn apply_one(conn: &mut SqliteConnection, change: &Change) -> R
         Change::HandleDeleted { pool, id } => sqlx::query("DELETE FROM handles WHERE pool = ? AND id = ?").bind(pool).bind(int(*id)),
         Change::Node(n) => return rows::upsert_nodes(conn, &[n]).await,
         Change::NodeDeleted { id } => sqlx::query("DELETE FROM nodes WHERE id = ?").bind(int(*id)),
+        Change::Served(r) => sqlx::query(
+            "INSERT INTO served (node_id, pool, handle, vm, cores, started_at, ended_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(int(r.node_id))
+        .bind(r.pool.as_str())
+        .bind(int(r.handle))
+        .bind(int(r.vm))
+        .bind(i64::from(r.cores))
+        .bind(int(r.started_at))
+        .bind(int(r.ended_at)),
     };
     query.execute(&mut *conn).await?;
     Ok(())
@@ -280,5 +298,9 @@ fn node_from_row(row: &SqliteRow) -> Result<NodeRecord, StoreError> {
         address: row.try_get("address")?,
         state: row.try_get("state")?,
         created_at: get_u64(row, "created_at")?,
+        remote: row.try_get("remote")?,
+        class: row.try_get("class")?,
+        admin: row.try_get("admin")?,
+        credential_hash: row.try_get("credential_hash")?,
     })
 }

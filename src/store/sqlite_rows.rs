@@ -52,7 +52,11 @@ impl<'a> Plan<'a> {
                 Change::Handle { pool, handle } => plan.handles.push((pool, handle)),
                 Change::Node(n) => plan.nodes.push(n),
                 Change::PoolDeleted { .. } => unreachable!("row() is None for it"),
-                Change::VmDeleted { .. } | Change::BatchDeleted { .. } | Change::HandleDeleted { .. } | Change::NodeDeleted { .. } => {
+                Change::VmDeleted { .. }
+                | Change::BatchDeleted { .. }
+                | Change::HandleDeleted { .. }
+                | Change::NodeDeleted { .. }
+                | Change::Served(_) => {
                     plan.deletes.push(c)
                 }
             }
@@ -184,7 +188,7 @@ pub(super) async fn upsert_handles(conn: &mut SqliteConnection, rows: &[(&str, &
 
 pub(super) async fn upsert_nodes(conn: &mut SqliteConnection, rows: &[&NodeRecord]) -> Result<(), StoreError> {
     for chunk in rows.chunks(CHUNK) {
-        let mut qb = QueryBuilder::new("INSERT INTO nodes (id, name, driver, cores, ram_mb, disk_mb, address, state, created_at) ");
+        let mut qb = QueryBuilder::new("INSERT INTO nodes (id, name, driver, cores, ram_mb, disk_mb, address, state, created_at, remote, class, admin, credential_hash) ");
         qb.push_values(chunk, |mut b, n| {
             b.push_bind(int(n.id))
                 .push_bind(n.name.as_str())
@@ -194,12 +198,17 @@ pub(super) async fn upsert_nodes(conn: &mut SqliteConnection, rows: &[&NodeRecor
                 .push_bind(int(n.disk_mb))
                 .push_bind(n.address.as_str())
                 .push_bind(n.state.as_str())
-                .push_bind(int(n.created_at));
+                .push_bind(int(n.created_at))
+                .push_bind(n.remote)
+                .push_bind(n.class.as_str())
+                .push_bind(n.admin.as_str())
+                .push_bind(n.credential_hash.as_deref());
         });
         qb.push(
             " ON CONFLICT(id) DO UPDATE SET name = excluded.name, driver = excluded.driver, cores = excluded.cores,
               ram_mb = excluded.ram_mb, disk_mb = excluded.disk_mb, address = excluded.address,
-              state = excluded.state, created_at = excluded.created_at",
+              state = excluded.state, created_at = excluded.created_at, remote = excluded.remote, class = excluded.class,
+              admin = excluded.admin, credential_hash = excluded.credential_hash",
         );
         run(qb, conn).await?;
     }

@@ -180,6 +180,10 @@ fn node(id: u64) -> NodeRecord {
         address: format!("192.0.2.{id}:7070"),
         state: "ready".into(),
         created_at: 1_700_000_000_000 + id,
+        remote: id % 2 == 0,
+        class: "participant".into(),
+        admin: "active".into(),
+        credential_hash: (id % 2 == 0).then(|| format!("{id:064x}")),
     }
 }
 

@@ -9,8 +9,11 @@
 
 mod support;
 
+mod agents;
 mod api_v1;
 mod bad_input;
 mod durability;
+mod images;
+mod nodes_admin;
 mod supervision;
 mod vmcloud_rules;

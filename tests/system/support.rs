@@ -46,6 +46,11 @@ impl Builder {
         self.cfg.supervision.max_restarts = n;
         self
     }
+    /// Change any other part of the test config (node counts, cloud capacity, placement).
+    pub fn configure(mut self, f: impl FnOnce(&mut HiveConfig)) -> Self {
+        f(&mut self.cfg);
+        self
+    }
     pub async fn spawn(self) -> TestApp {
         let dir = self.dir.unwrap_or_else(|| tempfile::tempdir().expect("tempdir"));
         let mut cfg = self.cfg;

@@ -118,6 +118,16 @@ impl PoolHandle {
 
     /// Fault injection (tests): make the pool manager panic.
     #[doc(hidden)]
+    /// A node's state changed; the pool adjusts how it uses the VMs there.
+    pub fn node_use(&self, node: crate::domain::NodeId, usage: crate::domain::node::NodeUse) {
+        self.inner.slot.cast(PoolMsg::NodeUse { node, usage });
+    }
+
+    /// A reconnected agent listed its domains; VMs of this pool there that it lacks are gone.
+    pub fn domains_reported(&self, node: crate::domain::NodeId, domains: std::collections::BTreeSet<String>) {
+        self.inner.slot.cast(PoolMsg::DomainsReported { node, domains });
+    }
+
     pub fn inject_crash(&self) {
         self.inner.slot.cast(PoolMsg::Crash);
     }

@@ -6,7 +6,7 @@
 //! If a commit fails, the manager stops with an error and its supervisor rebuilds it from the
 //! store, so memory never runs ahead of what is durable for long.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -24,11 +24,12 @@ pub use handle::PoolHandle;
 
 use crate::domain::pool::{Effect, Handle, HandleEnd, PoolInputError, PoolRules, PoolSnapshot, PoolState, Resized};
 use crate::domain::vm::{Placement, Vm, VmAddress};
-use crate::domain::{BatchId, HandleId, Millis, VmId};
+use crate::domain::node::NodeUse;
+use crate::domain::{BatchId, HandleId, Millis, NodeId, VmId};
 use crate::drivers::{PrepareSpec, VmSpec};
 use crate::metrics;
 use crate::store::writer::Fence;
-use crate::store::{Change, StoreError, StoreWriter};
+use crate::store::{Change, ServedRecord, StoreError, StoreWriter};
 
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum PoolError {
@@ -113,6 +114,16 @@ pub enum PoolMsg {
     Tick,
     /// The node registry was restarted: reserve this pool's VMs' capacity again.
     Reclaim,
+    /// A node's state changed: how this pool may use the VMs it runs there.
+    NodeUse {
+        node: NodeId,
+        usage: NodeUse,
+    },
+    /// A reconnected agent listed the domains its node holds.
+    DomainsReported {
+        node: NodeId,
+        domains: BTreeSet<String>,
+    },
     PersistFailed(String),
     Crash,
     CrashSession(VmId),
@@ -157,6 +168,8 @@ pub struct PoolManagerState {
     durable: Arc<AtomicU64>,
     /// The commit that last wrote each handle's row (created, assigned, renewed or deleted).
     handle_written: HashMap<HandleId, u64>,
+    /// Rows that are not pool state (the rewards ledger), written with the next commit.
+    ledger: Vec<Change>,
 }
 
 impl Actor for PoolManager {
@@ -184,7 +197,17 @@ impl Actor for PoolManager {
             submitted: 0,
             durable: Arc::default(),
             handle_written: HashMap::new(),
+            ledger: Vec::new(),
         };
+        // Suspect, draining and dead nodes, as the registry sees them now.
+        match st.args.nodes.uses().await {
+            Ok(uses) => {
+                for (node, usage) in uses {
+                    st.pool.set_node_use(node, usage, st.args.clock.now());
+                }
+            }
+            Err(e) => tracing::warn!(pool = %name, error = %e, "cannot read node states"),
+        }
         for h in st.pool.handles() {
             st.args.handle.events().open(h.id);
         }
@@ -297,6 +320,14 @@ impl Actor for PoolManager {
                         }
                     }
                 });
+            }
+            PoolMsg::NodeUse { node, usage } => {
+                pool.set_node_use(node, usage, now);
+                apply(&me, st).await?;
+            }
+            PoolMsg::DomainsReported { node, domains } => {
+                pool.domains_reported(node, &domains, now);
+                apply(&me, st).await?;
             }
             PoolMsg::PersistFailed(why) => {
                 return Err(format!("pool {} could not persist its state: {why}", st.args.handle.name()).into());
@@ -452,6 +483,14 @@ async fn run_effect(me: &ActorRef<PoolMsg>, st: &mut PoolManagerState, effect: E
                 }
             }));
         }
+        Effect::SessionEnding { handle, ends_at } => {
+            let events = st.args.handle.events().clone();
+            st.after_commit.push(Box::new(move || events.push(handle, json!({"type": "session-ending", "endsAt": ends_at}), now)));
+        }
+        Effect::Served { handle, vm, node, from, to } => {
+            let cores = st.args.vm_spec.cores;
+            st.ledger.push(Change::Served(ServedRecord { node_id: node, pool: pool_name, handle, vm, cores, started_at: from, ended_at: to }));
+        }
         Effect::HandleEnded { handle, why } => {
             if why == HandleEnd::Released {
                 metrics::release(&pool_name);
@@ -488,7 +527,7 @@ fn changes(st: &mut PoolManagerState) -> Vec<Change> {
             pending: s.pending().copied().collect(),
         }
     };
-    let mut out = Vec::new();
+    let mut out = std::mem::take(&mut st.ledger);
     if st.written_row.as_ref() != Some(&snap_row) {
         st.written_row = Some(snap_row.clone());
         out.push(snap_row);

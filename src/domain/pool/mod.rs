@@ -61,11 +61,19 @@ pub struct PoolRules {
     /// before booting again, so an unavailable hypervisor is not hammered in a tight loop.
     pub boot_backoff: Millis,
     pub boot_backoff_max: Millis,
+    /// A user's session ends this long after its VM was handed over (0: never), with a
+    /// `session-ending` event `session_warning` before.
+    pub max_session: Millis,
+    pub session_warning: Millis,
 }
 
 impl Default for PoolRules {
     fn default() -> Self {
-        PoolRules { timeouts: Timeouts::default(), max_cap: 30, max_batch: 1000, boot_backoff: 500, boot_backoff_max: 30_000 }
+        PoolRules { timeouts: Timeouts::default(), max_cap: 30, max_batch: 1000, boot_backoff: 500,
+            boot_backoff_max: 30_000,
+            max_session: 5 * 3600 * 1000,
+            session_warning: 5 * 60 * 1000,
+        }
     }
 }
 
@@ -101,6 +109,8 @@ pub enum HandleEnd {
     Released,
     Expired,
     VmLost,
+    /// The session reached the pool's maximum duration.
+    MaxDuration,
 }
 
 /// Work the shell must carry out. Results come back as calls (`booted`, `prepared`, …)
@@ -141,6 +151,19 @@ pub enum Effect {
     HandleEnded {
         handle: HandleId,
         why: HandleEnd,
+    },
+    /// The session will be ended at `ends_at` (maximum duration): tell its user.
+    SessionEnding {
+        handle: HandleId,
+        ends_at: Millis,
+    },
+    /// A user's time on a VM ended (released, expired or lost): a row of the rewards ledger.
+    Served {
+        handle: HandleId,
+        vm: VmId,
+        node: NodeId,
+        from: Millis,
+        to: Millis,
     },
 }
 
@@ -211,6 +234,9 @@ pub struct PoolState {
     /// Nodes whose VMs may not be used as usual (suspect, draining, dead). Not stored: the
     /// node registry tells a pool again when it starts.
     pub(crate) node_use: BTreeMap<NodeId, NodeUse>,
+    /// Sessions already warned that they reach the maximum duration (not stored: after a
+    /// restart a user may be warned twice, never not at all).
+    pub(crate) warned: BTreeSet<HandleId>,
 }
 
 impl PoolState {
@@ -233,6 +259,7 @@ impl PoolState {
             dirty: Dirty::default(),
             passes: 0,
             node_use: BTreeMap::new(),
+            warned: BTreeSet::new(),
         }
     }
 
@@ -488,7 +515,7 @@ impl PoolState {
             .map(|v| v.id)
             .collect();
         for vm in gone {
-            self.kill(vm);
+            self.kill(vm, now);
         }
         self.run(now);
     }
@@ -499,10 +526,24 @@ impl PoolState {
     }
 
     /// Remove a VM from the pool at once (KILLING is never counted) and have it destroyed.
-    pub(crate) fn kill(&mut self, vm: VmId) {
+    pub(crate) fn kill(&mut self, vm: VmId, now: Millis) {
+        if let Some(v) = self.vms.get(&vm) {
+            if let Some(h) = self.handles.values().find(|h| h.vm == Some(vm)).map(|h| h.id) {
+                self.served(h, v.id, now);
+            }
+        }
         if let Some(v) = self.vms.remove(&vm) {
             self.dirty.vms.insert(vm);
             self.effects.push(Effect::Kill { vm, placement: v.placement });
+        }
+    }
+
+    /// The ledger row for a user's time on an OCCUPIED VM (entered when it was assigned).
+    fn served(&mut self, handle: HandleId, vm: VmId, now: Millis) {
+        if let Some(v) = self.vms.get(&vm).filter(|v| v.state == VmState::Occupied) {
+            if let Some(p) = &v.placement {
+                self.effects.push(Effect::Served { handle, vm, node: p.node, from: v.since, to: now });
+            }
         }
     }
 
@@ -511,6 +552,7 @@ impl PoolState {
         self.dirty.handles.insert(handle);
         match h.vm {
             Some(vm) => {
+                self.served(handle, vm, now);
                 if self.vms.get(&vm).is_some_and(|v| v.state == VmState::Occupied) {
                     self.start_cleanup(vm, now);
                 }

@@ -42,14 +42,14 @@ impl PoolState {
         if count > min {
             let lingering = self.first_vm(|v| v.state == VmState::Free && now.saturating_sub(v.since) > linger);
             if let Some(vm) = lingering {
-                self.kill(vm);
+                self.kill(vm, now);
                 return true;
             }
         }
         if count > max {
             let victim = self.first_vm(|v| v.state == VmState::Booting).or_else(|| self.first_vm(|v| v.state == VmState::Free));
             if let Some(vm) = victim {
-                self.kill(vm);
+                self.kill(vm, now);
                 return true;
             }
         }
@@ -189,7 +189,7 @@ impl PoolState {
         });
         match expired {
             Some(vm) => {
-                self.kill(vm);
+                self.kill(vm, now);
                 true
             }
             None => false,
@@ -215,15 +215,42 @@ impl PoolState {
     }
 
     /// Rule 7: release handles whose expiry has passed.
+    /// Also ends a session that reached the maximum duration, warning its user once
+    /// `session_warning` before (not part of vmcloud: an orchestrator's guard).
     fn rule_handle_expiry(&mut self, now: Millis) -> bool {
         let expired = self.handles.values().find(|h| h.expires_at.is_some_and(|at| at <= now)).map(|h| h.id);
-        match expired {
-            Some(h) => {
-                self.end_handle(h, HandleEnd::Expired, now);
-                true
-            }
-            None => false,
+        if let Some(h) = expired {
+            self.end_handle(h, HandleEnd::Expired, now);
+            return true;
         }
+        let mut warn = None;
+        for h in self.handles.values() {
+            let Some(ends_at) = self.session_end(h) else { continue };
+            if ends_at <= now {
+                let id = h.id;
+                self.end_handle(id, HandleEnd::MaxDuration, now);
+                self.warned.remove(&id);
+                return true;
+            }
+            if warn.is_none() && ends_at.saturating_sub(self.rules.session_warning) <= now && !self.warned.contains(&h.id) {
+                warn = Some((h.id, ends_at));
+            }
+        }
+        if let Some((handle, ends_at)) = warn {
+            self.warned.insert(handle);
+            self.effects.push(super::Effect::SessionEnding { handle, ends_at });
+            return true;
+        }
+        false
+    }
+
+    /// When an assigned session must end (`max_session` after its VM was handed over).
+    pub(crate) fn session_end(&self, h: &super::Handle) -> Option<Millis> {
+        if self.rules.max_session == 0 {
+            return None;
+        }
+        let vm = self.vms.get(&h.vm?).filter(|v| v.state == VmState::Occupied)?;
+        Some(vm.since.saturating_add(self.rules.max_session))
     }
 
     /// The earliest time at which a rule could fire with no other event: the shell sets one
@@ -244,6 +271,14 @@ impl PoolState {
         }
         for at in self.handles.values().filter_map(|h| h.expires_at) {
             consider(at);
+        }
+        for h in self.handles.values() {
+            if let Some(ends_at) = self.session_end(h) {
+                consider(ends_at);
+                if !self.warned.contains(&h.id) {
+                    consider(ends_at.saturating_sub(self.rules.session_warning));
+                }
+            }
         }
         let wants_boot = (self.vms.len() as u64) < u64::from(self.size.min) || !self.preps.is_empty();
         if wants_boot && self.boot_not_before > 0 {

@@ -118,7 +118,10 @@ fn release_cleans_vm_back_to_free_and_keeps_batch_size() {
     settle(&mut p, T0);
     let h = p.lock(b, T0).unwrap();
     let vm = p.handle(h).unwrap().vm.unwrap();
-    p.release(h, T0).unwrap();
+    p.take_effects();
+    p.release(h, T0 + 5_000).unwrap();
+    let served: Vec<Effect> = p.effects.iter().filter(|e| matches!(e, Effect::Served { .. })).cloned().collect();
+    assert_eq!(served, vec![Effect::Served { handle: h, vm, node: 1, from: T0, to: T0 + 5_000 }], "one ledger row per session");
     assert_eq!(p.vm(vm).unwrap().state, VmState::Wait);
     assert!(p.handle(h).is_none());
     settle(&mut p, T0);
@@ -199,6 +202,7 @@ fn a_lost_node_takes_its_vms_and_their_users_and_they_are_replaced() {
     assert!(p.handle(h).is_none());
     let effects = &p.effects;
     assert!(effects.iter().any(|e| matches!(e, Effect::HandleEnded { why: HandleEnd::VmLost, .. })));
+    assert_eq!(effects.iter().filter(|e| matches!(e, Effect::Served { to, .. } if *to == T0 + 1)).count(), 1, "the lost session is served once");
     assert!(effects.iter().any(|e| matches!(e, Effect::Boot { .. })), "replacements boot");
     p.settle_instantly_on(T0 + 1, 2);
     assert_eq!(count(&p, VmState::Free) + count(&p, VmState::Ready), 2);
@@ -247,6 +251,31 @@ fn draining_kills_idle_vms_and_keeps_users_until_release() {
     assert!(p.vm(held).is_none(), "released on a draining node: it leaves");
     p.settle_instantly_on(T0, 2);
     assert!(p.vms().all(|v| v.placement.as_ref().is_some_and(|pl| pl.node == 2)));
+}
+
+#[test]
+fn sessions_end_at_the_maximum_duration_after_a_warning() {
+    let mut p = PoolState::new(PoolRules { max_session: 10_000, session_warning: 2_000, ..PoolRules::default() }, PoolSize::default());
+    p.set_size(1, 2, 60_000, T0).unwrap();
+    let b = p.prepare_batch(1, "h".into(), T0).unwrap();
+    settle(&mut p, T0);
+    let h = p.lock(b, T0).unwrap();
+    let vm = p.handle(h).unwrap().vm.unwrap();
+    p.take_effects();
+    assert_eq!(p.next_deadline().map(|d| d <= T0 + 8_000), Some(true), "the warning is a deadline");
+    p.pinged(vm, true, T0 + 7_999);
+    p.tick(T0 + 7_999);
+    assert!(!p.take_effects().iter().any(|e| matches!(e, Effect::SessionEnding { .. })));
+    p.tick(T0 + 8_000);
+    assert_eq!(p.take_effects(), vec![Effect::SessionEnding { handle: h, ends_at: T0 + 10_000 }]);
+    p.pinged(vm, true, T0 + 9_000);
+    p.tick(T0 + 9_000);
+    assert!(p.take_effects().is_empty(), "warned once");
+    p.tick(T0 + 10_000);
+    assert!(p.handle(h).is_none());
+    let effects = p.take_effects();
+    assert!(effects.iter().any(|e| matches!(e, Effect::HandleEnded { why: HandleEnd::MaxDuration, .. })));
+    assert!(effects.iter().any(|e| matches!(e, Effect::Served { to, .. } if *to == T0 + 10_000)));
 }
 
 #[test]
@@ -349,7 +378,9 @@ proptest! {
 
     #[test]
     fn invariants_hold_under_random_events(ops in prop::collection::vec(op(), 1..120)) {
-        let mut p = PoolState::new(PoolRules::default(), PoolSize::default());
+        // A short maximum session so that random runs reach warnings and forced ends.
+        let rules = PoolRules { max_session: 30_000, session_warning: 5_000, ..PoolRules::default() };
+        let mut p = PoolState::new(rules, PoolSize::default());
         let mut now = T0;
         let mut outstanding: Vec<Effect> = Vec::new();
         for op in ops {

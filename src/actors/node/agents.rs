@@ -1,0 +1,203 @@
+//! The registry's dealings with agents and admins: a node joining (recorded durably before its
+//! id is answered), an agent's hello (attach its connection, then reconcile: destroy domains no
+//! pool knows, and tell pools which of their VMs the node no longer holds, before the node is
+//! ready again), cordon/drain/activate, and removal.
+
+use std::collections::{BTreeSet, HashSet};
+use std::sync::Arc;
+
+use ractor::{ActorProcessingErr, ActorRef, RpcReplyPort};
+
+use super::{NodeError, NodeSpec, NodeView, RegistryMsg, RegistryState, forget, refresh, register};
+use crate::actors::supervisor::PoolDirectory;
+use crate::agent::proto::{Hello, PROTOCOL_VERSION};
+use crate::domain::node::{AdminState, NodeClass, NodeState};
+use crate::domain::{Millis, NodeId};
+use crate::drivers::remote::{AgentLink, RemoteHypervisor};
+use crate::store::{Change, NodeRecord};
+
+/// Ids of nodes that join over the network start above this, clear of the simulated nodes
+/// that `hive up` numbers from 1.
+pub const FIRST_REMOTE_ID: NodeId = 10_000;
+
+/// A stored agent-run node, as the registry takes it at start: registering until its agent
+/// connects (and dead if it does not within the dead-after time).
+pub fn remote_spec(r: &NodeRecord, remote: Arc<RemoteHypervisor>) -> NodeSpec {
+    NodeSpec {
+        id: r.id,
+        name: r.name.clone(),
+        address: r.address.clone(),
+        cores: r.cores,
+        ram_mb: r.ram_mb,
+        disk_mb: r.disk_mb,
+        class: NodeClass::parse(&r.class).unwrap_or_default(),
+        admin: AdminState::parse(&r.admin).unwrap_or_default(),
+        driver: remote.clone(),
+        remote: Some(remote),
+        driver_name: r.driver.clone(),
+        credential_hash: r.credential_hash.clone(),
+        created_at: r.created_at,
+    }
+}
+
+pub(super) async fn create(
+    me: &ActorRef<RegistryMsg>,
+    st: &mut RegistryState,
+    name: String,
+    credential_hash: String,
+    reply: RpcReplyPort<Result<NodeId, NodeError>>,
+    now: Millis,
+) -> Result<(), ActorProcessingErr> {
+    let id = st.nodes.keys().next_back().copied().unwrap_or(0).max(FIRST_REMOTE_ID) + 1;
+    let remote = st.args.handle.remote(id);
+    let spec = NodeSpec {
+        id,
+        name,
+        address: String::new(),
+        cores: 0,
+        ram_mb: 0,
+        disk_mb: 0,
+        class: NodeClass::Participant,
+        admin: AdminState::Active,
+        driver: remote.clone(),
+        remote: Some(remote),
+        driver_name: "unknown".into(),
+        credential_hash: Some(credential_hash),
+        created_at: now,
+    };
+    let record = spec.record(NodeState::Registering);
+    register(me, st, spec, now).await?;
+    let me = me.clone();
+    st.args.writer.submit(
+        vec![Change::Node(record)],
+        Box::new(move |r| {
+            let _ = me.cast(RegistryMsg::Created(id, r.map_err(|e| e.to_string()), reply));
+        }),
+    );
+    Ok(())
+}
+
+pub(super) fn attach(
+    me: &ActorRef<RegistryMsg>,
+    st: &mut RegistryState,
+    node: NodeId,
+    hello: Hello,
+    link: Arc<AgentLink>,
+    now: Millis,
+) -> Result<u64, NodeError> {
+    if hello.version != PROTOCOL_VERSION {
+        return Err(NodeError::Invalid { field: "version", reason: format!("this hive speaks version {PROTOCOL_VERSION}") });
+    }
+    if hello.offer.cores == 0 || hello.offer.ram_mb == 0 {
+        return Err(NodeError::Invalid { field: "offer", reason: "a node must offer at least one core and some RAM".into() });
+    }
+    let e = st.nodes.get_mut(&node).ok_or(NodeError::UnknownNode(node))?;
+    let remote = e.spec.remote.clone().ok_or(NodeError::Invalid { field: "node", reason: "not an agent-run node".into() })?;
+    remote.attach(Some(link));
+    e.link_gen += 1;
+    e.health.connected(now);
+    e.spec.name = hello.name.clone();
+    e.spec.cores = hello.offer.cores;
+    e.spec.ram_mb = hello.offer.ram_mb;
+    e.spec.disk_mb = hello.offer.disk_mb;
+    e.spec.driver_name = hello.driver.clone();
+    e.spec.address = hello.addresses.first().cloned().unwrap_or_default();
+    let link_gen = e.link_gen;
+    tracing::info!(node.id = node, name = %hello.name, cores = hello.offer.cores, ram_mb = hello.offer.ram_mb, domains = hello.domains.len(), "agent connected");
+    // Persist the offer (and the registering state) now; a failure shows at the next change.
+    let record = e.spec.record(NodeState::Registering);
+    st.args.writer.submit(vec![Change::Node(record)], Box::new(|_| {}));
+    refresh(st, node, now);
+    tokio::spawn(reconcile(node, link_gen, hello.domains, remote, st.args.pools.clone(), me.clone()));
+    Ok(st.args.timings.heartbeat_ms)
+}
+
+/// Compare what the agent holds with what the pools hold on that node. Domains no pool knows
+/// are destroyed; pool VMs whose domain is gone leave their pools. Runs while the node is
+/// registering, so no new VM can be placed there meanwhile.
+async fn reconcile(
+    node: NodeId,
+    link_gen: u64,
+    domains: Vec<String>,
+    remote: Arc<RemoteHypervisor>,
+    pools: PoolDirectory,
+    me: ActorRef<RegistryMsg>,
+) {
+    let held: BTreeSet<String> = domains.into_iter().collect();
+    let mut known = HashSet::new();
+    let mut complete = true;
+    for p in pools.list() {
+        match p.status().await {
+            Ok(snap) => known.extend(snap.vms.into_iter().filter_map(|v| v.placement).filter(|pl| pl.node == node).map(|pl| pl.domain)),
+            Err(e) => {
+                // Without every pool's answer an unknown domain may still be someone's VM: keep it.
+                tracing::warn!(node.id = node, pool = %p.name(), error = %e, "cannot reconcile with a pool");
+                complete = false;
+            }
+        }
+    }
+    if complete {
+        for d in held.iter().filter(|d| !known.contains(*d)) {
+            tracing::info!(node.id = node, domain = %d, "destroying a domain no pool knows");
+            if let Err(e) = remote.destroy_domain(d).await {
+                tracing::warn!(node.id = node, domain = %d, error = %e, "cannot destroy an orphan domain");
+            }
+        }
+    }
+    for p in pools.list() {
+        p.domains_reported(node, held.clone());
+    }
+    let _ = me.cast(RegistryMsg::Reconciled { node, link_gen });
+}
+
+pub(super) fn set_admin(
+    st: &mut RegistryState,
+    node: NodeId,
+    admin: AdminState,
+    reply: RpcReplyPort<Result<NodeView, NodeError>>,
+    now: Millis,
+) {
+    let Some(e) = st.nodes.get_mut(&node) else {
+        let _ = reply.send(Err(NodeError::UnknownNode(node)));
+        return;
+    };
+    e.spec.admin = admin;
+    e.health.admin = admin;
+    let record = e.spec.record(e.health.state(now));
+    tracing::info!(node.id = node, admin = admin.name(), "node admin state");
+    refresh(st, node, now);
+    let view = st.nodes.get(&node).map(|e| e.view(now)).ok_or(NodeError::UnknownNode(node));
+    // The answer waits until the intent is durable.
+    st.args.writer.submit(
+        vec![Change::Node(record)],
+        Box::new(move |r| {
+            let _ = reply.send(r.map_err(|e| NodeError::Store(e.to_string())).and(view));
+        }),
+    );
+}
+
+pub(super) fn remove(st: &mut RegistryState, node: NodeId, force: bool, reply: RpcReplyPort<Result<(), NodeError>>, now: Millis) {
+    let Some(e) = st.nodes.get(&node) else {
+        let _ = reply.send(Err(NodeError::UnknownNode(node)));
+        return;
+    };
+    if !e.held.is_empty() && !force {
+        let why = format!("it runs {} VM(s); drain it first, or remove with force=true", e.held.len());
+        let _ = reply.send(Err(NodeError::Busy(node, why)));
+        return;
+    }
+    if let Some(r) = &e.spec.remote {
+        r.refuse("removed by an admin");
+    }
+    tracing::info!(node.id = node, force, "node removed");
+    // Its VMs leave the pools as if it had died; then it is forgotten.
+    super::tell_pools(st, node, crate::domain::node::NodeUse::Lost);
+    forget(st, node);
+    let _ = now;
+    st.args.writer.submit(
+        vec![Change::NodeDeleted { id: node }],
+        Box::new(move |r| {
+            let _ = reply.send(r.map_err(|e| NodeError::Store(e.to_string())));
+        }),
+    );
+}

@@ -1,0 +1,13 @@
+//! The node agent (`hive node`): runs on a host machine, connects out to the hive over one
+//! WebSocket (so a host behind NAT needs no open port), and drives the host's hypervisor on
+//! the hive's command.
+//!
+//! - `proto`: the wire messages both sides speak.
+//! - `run`: credential, connection, heartbeats, commands, reconnection.
+//! - `host`: host context for heartbeats, read from the OS.
+
+pub mod host;
+pub mod proto;
+pub mod run;
+
+pub use run::{AgentConfig, AgentError, run};

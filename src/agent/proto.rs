@@ -1,0 +1,149 @@
+//! The wire protocol between a node agent and the hive: JSON text frames over one WebSocket
+//! that the agent opens (so a node behind NAT needs no open port). The agent authenticates in
+//! the upgrade request (`Authorization: Bearer <node credential>`), then says `Hello`; the hive
+//! answers `Welcome`. After that the agent sends heartbeats and the hive sends commands, each
+//! with an id that the agent's `Reply` carries back. Unknown fields are ignored so that either
+//! side can be upgraded first.
+
+use serde::{Deserialize, Serialize};
+
+use crate::drivers::{Console, DriverError, GuestStatus, PrepareSpec, VmSpec, VmStats};
+
+/// Version of this protocol; the hive refuses a `Hello` with a different major version.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Path of the agents' WebSocket endpoint on the hive.
+pub const AGENT_WS_PATH: &str = "/api/v1/agent";
+
+/// What a host lends to the hive.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Offer {
+    pub cores: u32,
+    pub ram_mb: u64,
+    pub disk_mb: u64,
+}
+
+/// Host context with every heartbeat, read from the OS (what cAdvisor would report).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct HostStats {
+    /// Whole-host CPU use, 0..=100 (percent of all cores).
+    pub cpu_pct: f32,
+    pub load1: f64,
+    pub mem_total_mb: u64,
+    pub mem_used_mb: u64,
+    pub disk_total_mb: u64,
+    pub disk_used_mb: u64,
+    /// Bytes received and sent over all interfaces since the agent started.
+    pub net_rx_bytes: u64,
+    pub net_tx_bytes: u64,
+}
+
+/// The agent's introduction, first frame on every connection.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Hello {
+    pub version: u32,
+    pub name: String,
+    pub offer: Offer,
+    /// Hypervisor driver the agent runs ("sim", "libvirt").
+    pub driver: String,
+    /// Addresses at which the host's VMs (VNC) and pieces can be reached.
+    pub addresses: Vec<String>,
+    /// Domains the hypervisor holds right now, so the hive reconciles instead of duplicating.
+    pub domains: Vec<String>,
+    /// Images (SHA-256) the node holds ready.
+    #[serde(default)]
+    pub images: Vec<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum AgentMsg {
+    Hello(Hello),
+    Heartbeat { seq: u64, stats: HostStats },
+    Reply { id: u64, result: Result<CmdOk, DriverError> },
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum HiveMsg {
+    Welcome {
+        node_id: u64,
+        /// Send a heartbeat this often.
+        heartbeat_ms: u64,
+    },
+    Command {
+        id: u64,
+        cmd: Command,
+    },
+    /// The hive will not talk to this agent (removed node, wrong version); do not reconnect.
+    Refused {
+        reason: String,
+    },
+}
+
+/// The hypervisor operations of `drivers::Hypervisor`, sent to a remote node.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Command {
+    Create { spec: VmSpec },
+    Start { domain: String },
+    Stop { domain: String },
+    Suspend { domain: String },
+    Resume { domain: String },
+    Snapshot { domain: String, name: String },
+    Revert { domain: String, name: String },
+    Destroy { domain: String },
+    Console { domain: String },
+    Ping { domain: String },
+    Prepare { domain: String, spec: PrepareSpec },
+    Stats { domain: String },
+    List,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", content = "value", rename_all = "snake_case")]
+pub enum CmdOk {
+    Done,
+    Domain(String),
+    Domains(Vec<String>),
+    Console(Console),
+    Guest(GuestStatus),
+    Stats(VmStats),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_round_trip_and_are_tagged() {
+        let hello = AgentMsg::Hello(Hello {
+            version: PROTOCOL_VERSION,
+            name: "n1".into(),
+            offer: Offer { cores: 4, ram_mb: 8192, disk_mb: 100_000 },
+            driver: "sim".into(),
+            addresses: vec!["127.0.0.1".into()],
+            domains: vec!["d1".into()],
+            images: vec![],
+        });
+        let s = serde_json::to_string(&hello).unwrap();
+        assert!(s.starts_with(r#"{"type":"hello""#), "{s}");
+        assert_eq!(serde_json::from_str::<AgentMsg>(&s).unwrap(), hello);
+
+        let reply = AgentMsg::Reply { id: 7, result: Err(DriverError::NotReady) };
+        let s = serde_json::to_string(&reply).unwrap();
+        assert_eq!(serde_json::from_str::<AgentMsg>(&s).unwrap(), reply);
+
+        let cmd = HiveMsg::Command { id: 3, cmd: Command::Revert { domain: "d".into(), name: "clean".into() } };
+        let s = serde_json::to_string(&cmd).unwrap();
+        assert!(s.contains(r#""op":"revert""#), "{s}");
+        assert_eq!(serde_json::from_str::<HiveMsg>(&s).unwrap(), cmd);
+    }
+
+    #[test]
+    fn unknown_fields_are_ignored() {
+        let s = r#"{"type":"heartbeat","seq":1,"stats":{"cpu_pct":1.5,"load1":0.1,"mem_total_mb":1,"mem_used_mb":1,
+                   "disk_total_mb":1,"disk_used_mb":1,"net_rx_bytes":0,"net_tx_bytes":0,"gpu":"none"},"extra":true}"#;
+        assert!(matches!(serde_json::from_str::<AgentMsg>(s).unwrap(), AgentMsg::Heartbeat { seq: 1, .. }));
+    }
+}

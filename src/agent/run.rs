@@ -1,0 +1,234 @@
+//! The agent's life: make sure it has a node credential (exchanging a join token for one on
+//! first contact and keeping it in the data directory, mode 0600), then keep one WebSocket to
+//! the hive: hello (offer, addresses, the domains it holds), heartbeats with host context,
+//! commands executed on the local hypervisor in tasks of their own, replies. When the
+//! connection drops it reconnects with exponential backoff and jitter; it stops only when the
+//! hive refuses it (removed node, bad credential) or on a signal.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::{self, Message};
+
+use super::host::HostSampler;
+use super::proto::{AGENT_WS_PATH, AgentMsg, Hello, HiveMsg, Offer, PROTOCOL_VERSION};
+use crate::drivers::Hypervisor;
+use crate::drivers::remote::execute;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("the hive refused this node: {0}")]
+    Refused(String),
+    #[error("the hive did not accept the token or credential ({0}); ask an admin for a join token")]
+    Unauthorized(String),
+    #[error("{0}")]
+    Config(String),
+    #[error("cannot reach the hive: {0}")]
+    Unreachable(String),
+    #[error("data directory: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+pub struct AgentConfig {
+    /// Base URL of the hive's HTTP API, e.g. `http://127.0.0.1:8080`.
+    pub hive: String,
+    /// A join token (`hjt_…`) for the first contact, or a node credential (`hnc_…`).
+    pub token: Option<String>,
+    pub name: String,
+    pub offer: Offer,
+    pub addresses: Vec<String>,
+    pub data_dir: PathBuf,
+    pub backoff_max: Duration,
+}
+
+/// What the agent keeps between runs (`data_dir/credential.json`, mode 0600).
+#[derive(Serialize, Deserialize)]
+struct Saved {
+    hive: String,
+    node_id: u64,
+    credential: String,
+}
+
+#[derive(Deserialize)]
+struct Joined {
+    node_id: u64,
+    credential: String,
+}
+
+fn credential_path(dir: &Path) -> PathBuf {
+    dir.join("credential.json")
+}
+
+/// The node's credential: the saved one for this hive, or the one given, or a join token
+/// exchanged now (and saved before anything else happens).
+pub async fn credential(cfg: &AgentConfig) -> Result<String, AgentError> {
+    let path = credential_path(&cfg.data_dir);
+    if let Ok(text) = std::fs::read_to_string(&path) {
+        if let Ok(saved) = serde_json::from_str::<Saved>(&text) {
+            if saved.hive == cfg.hive {
+                return Ok(saved.credential);
+            }
+        }
+    }
+    let token =
+        cfg.token.clone().ok_or_else(|| AgentError::Config("no saved credential for this hive: pass --token <join token>".into()))?;
+    if token.starts_with("hnc_") {
+        return Ok(token);
+    }
+    let url = format!("{}/api/v1/nodes/register", cfg.hive.trim_end_matches('/'));
+    let resp = reqwest::Client::new()
+        .post(&url)
+        .bearer_auth(&token)
+        .json(&serde_json::json!({ "name": cfg.name }))
+        .send()
+        .await
+        .map_err(|e| AgentError::Unreachable(e.to_string()))?;
+    let status = resp.status();
+    if !status.is_success() {
+        let body = resp.text().await.unwrap_or_default();
+        return Err(AgentError::Unauthorized(format!("{status}: {body}")));
+    }
+    let joined: Joined = resp.json().await.map_err(|e| AgentError::Unreachable(e.to_string()))?;
+    let saved = Saved { hive: cfg.hive.clone(), node_id: joined.node_id, credential: joined.credential.clone() };
+    write_private(&path, &serde_json::to_vec_pretty(&saved).unwrap_or_default())?;
+    tracing::info!(node.id = joined.node_id, "joined the hive; credential saved");
+    Ok(joined.credential)
+}
+
+fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+    let mut f = opts.open(&tmp)?;
+    std::io::Write::write_all(&mut f, bytes)?;
+    f.sync_all()?;
+    std::fs::rename(tmp, path)
+}
+
+enum Ended {
+    /// The connection dropped after it had been welcomed (reset the backoff).
+    AfterWelcome,
+    Failed(String),
+}
+
+/// Run until refused. Reconnects forever otherwise.
+pub async fn run(cfg: AgentConfig, hv: Arc<dyn Hypervisor>) -> Result<(), AgentError> {
+    std::fs::create_dir_all(&cfg.data_dir)?;
+    let credential = credential(&cfg).await?;
+    let mut host = HostSampler::new(&cfg.data_dir);
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match connect_once(&cfg, &credential, hv.clone(), &mut host).await {
+            Ok(Ended::AfterWelcome) => {
+                backoff = Duration::from_millis(100);
+                tracing::warn!("connection to the hive lost; reconnecting");
+            }
+            Ok(Ended::Failed(why)) => tracing::warn!(error = %why, retry_ms = backoff.as_millis() as u64, "cannot connect to the hive"),
+            Err(e) => return Err(e),
+        }
+        // Jitter spreads a thousand agents that lost the same hive over the retry window.
+        let jitter = rand::rng().random_range(0.5..1.0);
+        tokio::time::sleep(backoff.mul_f64(jitter)).await;
+        backoff = (backoff * 2).min(cfg.backoff_max);
+    }
+}
+
+async fn connect_once(cfg: &AgentConfig, credential: &str, hv: Arc<dyn Hypervisor>, host: &mut HostSampler) -> Result<Ended, AgentError> {
+    let url = format!("{}{AGENT_WS_PATH}", cfg.hive.trim_end_matches('/').replacen("http", "ws", 1));
+    let mut req = url.into_client_request().map_err(|e| AgentError::Config(format!("hive URL: {e}")))?;
+    let auth = format!("Bearer {credential}").parse().map_err(|_| AgentError::Config("credential is not a valid header value".into()))?;
+    req.headers_mut().insert("authorization", auth);
+    let ws = match tokio_tungstenite::connect_async(req).await {
+        Ok((ws, _)) => ws,
+        Err(tungstenite::Error::Http(resp)) if resp.status() == 401 => {
+            let body = resp.body().as_ref().map(|b| String::from_utf8_lossy(b).into_owned()).unwrap_or_default();
+            return Err(AgentError::Unauthorized(body));
+        }
+        Err(e) => return Ok(Ended::Failed(e.to_string())),
+    };
+    let (mut tx, mut rx) = ws.split();
+    let domains = match hv.list().await {
+        Ok(d) => d,
+        Err(e) => return Ok(Ended::Failed(format!("the local hypervisor does not answer: {e}"))),
+    };
+    let hello = AgentMsg::Hello(Hello {
+        version: PROTOCOL_VERSION,
+        name: cfg.name.clone(),
+        offer: cfg.offer,
+        driver: hv.kind().to_string(),
+        addresses: cfg.addresses.clone(),
+        domains,
+        images: vec![],
+    });
+    if let Err(e) = tx.send(text(&hello)).await {
+        return Ok(Ended::Failed(e.to_string()));
+    }
+    let heartbeat_ms = match read(&mut rx).await {
+        Some(HiveMsg::Welcome { node_id, heartbeat_ms }) => {
+            tracing::info!(node.id = node_id, heartbeat_ms, "connected to the hive");
+            heartbeat_ms
+        }
+        Some(HiveMsg::Refused { reason }) => return Err(AgentError::Refused(reason)),
+        _ => return Ok(Ended::Failed("no welcome from the hive".into())),
+    };
+    let (out_tx, mut out_rx) = mpsc::unbounded_channel::<AgentMsg>();
+    let mut beat = tokio::time::interval(Duration::from_millis(heartbeat_ms.max(10)));
+    let mut seq = 0;
+    loop {
+        tokio::select! {
+            _ = beat.tick() => {
+                seq += 1;
+                if tx.send(text(&AgentMsg::Heartbeat { seq, stats: host.sample() })).await.is_err() {
+                    return Ok(Ended::AfterWelcome);
+                }
+            }
+            Some(reply) = out_rx.recv() => {
+                if tx.send(text(&reply)).await.is_err() {
+                    return Ok(Ended::AfterWelcome);
+                }
+            }
+            msg = read(&mut rx) => match msg {
+                Some(HiveMsg::Command { id, cmd }) => {
+                    let (hv, out) = (hv.clone(), out_tx.clone());
+                    tokio::spawn(async move {
+                        let result = execute(hv.as_ref(), cmd).await;
+                        let _ = out.send(AgentMsg::Reply { id, result });
+                    });
+                }
+                Some(HiveMsg::Refused { reason }) => return Err(AgentError::Refused(reason)),
+                Some(HiveMsg::Welcome { .. }) => {}
+                None => return Ok(Ended::AfterWelcome),
+            },
+        }
+    }
+}
+
+fn text<T: Serialize>(m: &T) -> Message {
+    Message::text(serde_json::to_string(m).unwrap_or_default())
+}
+
+/// The next message from the hive; `None` when the connection ended. Frames that are not
+/// text, or text this agent cannot read (a newer hive), are skipped.
+async fn read<S>(rx: &mut S) -> Option<HiveMsg>
+where
+    S: futures_util::Stream<Item = Result<Message, tungstenite::Error>> + Unpin,
+{
+    loop {
+        match rx.next().await? {
+            Ok(Message::Text(t)) => match serde_json::from_str::<HiveMsg>(&t) {
+                Ok(m) => return Some(m),
+                Err(e) => tracing::warn!(error = %e, "unreadable frame from the hive"),
+            },
+            Ok(Message::Close(_)) | Err(_) => return None,
+            Ok(_) => {}
+        }
+    }
+}

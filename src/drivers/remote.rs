@@ -1,0 +1,261 @@
+//! `RemoteHypervisor`: the `Hypervisor` of a node that runs `hive node`. Each call becomes a
+//! `Command` over the agent's WebSocket (an `AgentLink`) and waits for the `Reply` with the
+//! same id. The link is swapped when the agent reconnects; while there is none, calls fail at
+//! once with "node offline" instead of queueing work for a host that may never come back.
+//! A dropped link fails every call still waiting on it.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use parking_lot::Mutex;
+use tokio::sync::{mpsc, oneshot};
+
+use super::{Console, DriverError, GuestStatus, Hypervisor, PrepareSpec, VmSpec, VmStats};
+use crate::agent::proto::{CmdOk, Command, HiveMsg};
+
+type Pending = HashMap<u64, oneshot::Sender<Result<CmdOk, DriverError>>>;
+
+/// One live connection to an agent: frames to send, and the calls waiting for replies.
+pub struct AgentLink {
+    out: mpsc::UnboundedSender<HiveMsg>,
+    pending: Mutex<Pending>,
+    next_id: AtomicU64,
+}
+
+impl AgentLink {
+    /// A link whose outgoing frames the connection task reads from the returned receiver.
+    pub fn new() -> (Arc<AgentLink>, mpsc::UnboundedReceiver<HiveMsg>) {
+        let (out, rx) = mpsc::unbounded_channel();
+        (Arc::new(AgentLink { out, pending: Mutex::new(HashMap::new()), next_id: AtomicU64::new(1) }), rx)
+    }
+
+    /// Send a frame that expects no reply (e.g. `Welcome`). False if the connection is gone.
+    pub fn send(&self, msg: HiveMsg) -> bool {
+        self.out.send(msg).is_ok()
+    }
+
+    /// The agent answered command `id`.
+    pub fn complete(&self, id: u64, result: Result<CmdOk, DriverError>) {
+        if let Some(tx) = self.pending.lock().remove(&id) {
+            let _ = tx.send(result);
+        }
+    }
+
+    /// The connection ended: every waiting call fails now.
+    pub fn close(&self) {
+        self.pending.lock().clear();
+    }
+
+    async fn call(&self, cmd: Command, timeout: Duration) -> Result<CmdOk, DriverError> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        self.pending.lock().insert(id, tx);
+        if self.out.send(HiveMsg::Command { id, cmd }).is_err() {
+            self.pending.lock().remove(&id);
+            return Err(DriverError::Failed("node offline".into()));
+        }
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => Err(DriverError::Failed("connection to the node was lost".into())),
+            Err(_) => {
+                self.pending.lock().remove(&id);
+                Err(DriverError::Failed(format!("the node did not answer within {} ms", timeout.as_millis())))
+            }
+        }
+    }
+}
+
+pub struct RemoteHypervisor {
+    link: Mutex<Option<Arc<AgentLink>>>,
+    timeout: Duration,
+}
+
+impl RemoteHypervisor {
+    pub fn new(timeout: Duration) -> RemoteHypervisor {
+        RemoteHypervisor { link: Mutex::new(None), timeout }
+    }
+
+    /// Route calls through `link` from now on (the agent (re)connected); `None` when it left.
+    pub fn attach(&self, link: Option<Arc<AgentLink>>) {
+        if let Some(old) = std::mem::replace(&mut *self.link.lock(), link) {
+            old.close();
+        }
+    }
+
+    /// Detach `link` if it is still the current one (a newer connection may have replaced it).
+    pub fn detach(&self, link: &Arc<AgentLink>) {
+        let mut cur = self.link.lock();
+        if cur.as_ref().is_some_and(|l| Arc::ptr_eq(l, link)) {
+            *cur = None;
+        }
+        link.close();
+    }
+
+    /// Tell the agent the hive will not talk to it again, and drop its connection.
+    pub fn refuse(&self, reason: &str) {
+        if let Some(link) = self.link.lock().take() {
+            link.send(HiveMsg::Refused { reason: reason.to_string() });
+            link.close();
+        }
+    }
+
+    /// `Hypervisor::destroy`, callable without the trait in scope.
+    pub async fn destroy_domain(&self, domain: &str) -> Result<(), DriverError> {
+        self.destroy(domain).await
+    }
+
+    pub fn connected(&self) -> bool {
+        self.link.lock().is_some()
+    }
+
+    async fn call(&self, cmd: Command) -> Result<CmdOk, DriverError> {
+        let link = self.link.lock().clone().ok_or_else(|| DriverError::Failed("node offline".into()))?;
+        link.call(cmd, self.timeout).await
+    }
+}
+
+fn unexpected(got: CmdOk) -> DriverError {
+    DriverError::Failed(format!("unexpected reply from the node: {got:?}"))
+}
+
+macro_rules! expect {
+    ($call:expr, $pat:pat => $out:expr) => {
+        match $call.await? {
+            $pat => Ok($out),
+            other => Err(unexpected(other)),
+        }
+    };
+}
+
+#[async_trait]
+impl Hypervisor for RemoteHypervisor {
+    fn kind(&self) -> &'static str {
+        "agent"
+    }
+
+    async fn create(&self, spec: &VmSpec) -> Result<String, DriverError> {
+        expect!(self.call(Command::Create { spec: spec.clone() }), CmdOk::Domain(d) => d)
+    }
+
+    async fn start(&self, domain: &str) -> Result<(), DriverError> {
+        expect!(self.call(Command::Start { domain: domain.into() }), CmdOk::Done => ())
+    }
+
+    async fn stop(&self, domain: &str) -> Result<(), DriverError> {
+        expect!(self.call(Command::Stop { domain: domain.into() }), CmdOk::Done => ())
+    }
+
+    async fn suspend(&self, domain: &str) -> Result<(), DriverError> {
+        expect!(self.call(Command::Suspend { domain: domain.into() }), CmdOk::Done => ())
+    }
+
+    async fn resume(&self, domain: &str) -> Result<(), DriverError> {
+        expect!(self.call(Command::Resume { domain: domain.into() }), CmdOk::Done => ())
+    }
+
+    async fn snapshot(&self, domain: &str, name: &str) -> Result<(), DriverError> {
+        expect!(self.call(Command::Snapshot { domain: domain.into(), name: name.into() }), CmdOk::Done => ())
+    }
+
+    async fn revert(&self, domain: &str, name: &str) -> Result<(), DriverError> {
+        expect!(self.call(Command::Revert { domain: domain.into(), name: name.into() }), CmdOk::Done => ())
+    }
+
+    async fn destroy(&self, domain: &str) -> Result<(), DriverError> {
+        expect!(self.call(Command::Destroy { domain: domain.into() }), CmdOk::Done => ())
+    }
+
+    async fn console(&self, domain: &str) -> Result<Console, DriverError> {
+        expect!(self.call(Command::Console { domain: domain.into() }), CmdOk::Console(c) => c)
+    }
+
+    async fn ping(&self, domain: &str) -> Result<GuestStatus, DriverError> {
+        expect!(self.call(Command::Ping { domain: domain.into() }), CmdOk::Guest(g) => g)
+    }
+
+    async fn prepare(&self, domain: &str, spec: &PrepareSpec) -> Result<(), DriverError> {
+        expect!(self.call(Command::Prepare { domain: domain.into(), spec: spec.clone() }), CmdOk::Done => ())
+    }
+
+    async fn stats(&self, domain: &str) -> Result<VmStats, DriverError> {
+        expect!(self.call(Command::Stats { domain: domain.into() }), CmdOk::Stats(s) => s)
+    }
+
+    async fn list(&self) -> Result<Vec<String>, DriverError> {
+        expect!(self.call(Command::List), CmdOk::Domains(d) => d)
+    }
+}
+
+/// Carry out one command on a local hypervisor: what the agent does with each `Command`.
+pub async fn execute(h: &dyn Hypervisor, cmd: Command) -> Result<CmdOk, DriverError> {
+    Ok(match cmd {
+        Command::Create { spec } => CmdOk::Domain(h.create(&spec).await?),
+        Command::Start { domain } => h.start(&domain).await.map(|_| CmdOk::Done)?,
+        Command::Stop { domain } => h.stop(&domain).await.map(|_| CmdOk::Done)?,
+        Command::Suspend { domain } => h.suspend(&domain).await.map(|_| CmdOk::Done)?,
+        Command::Resume { domain } => h.resume(&domain).await.map(|_| CmdOk::Done)?,
+        Command::Snapshot { domain, name } => h.snapshot(&domain, &name).await.map(|_| CmdOk::Done)?,
+        Command::Revert { domain, name } => h.revert(&domain, &name).await.map(|_| CmdOk::Done)?,
+        Command::Destroy { domain } => h.destroy(&domain).await.map(|_| CmdOk::Done)?,
+        Command::Console { domain } => CmdOk::Console(h.console(&domain).await?),
+        Command::Ping { domain } => CmdOk::Guest(h.ping(&domain).await?),
+        Command::Prepare { domain, spec } => h.prepare(&domain, &spec).await.map(|_| CmdOk::Done)?,
+        Command::Stats { domain } => CmdOk::Stats(h.stats(&domain).await?),
+        Command::List => CmdOk::Domains(h.list().await?),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::drivers::sim::{SimHypervisor, SimTimings};
+
+    /// A link served by a task that executes commands on a simulated hypervisor: the agent's
+    /// half without the socket.
+    fn serve(sim: Arc<SimHypervisor>) -> Arc<AgentLink> {
+        let (link, mut rx) = AgentLink::new();
+        let l = link.clone();
+        tokio::spawn(async move {
+            while let Some(HiveMsg::Command { id, cmd }) = rx.recv().await {
+                let (sim, l) = (sim.clone(), l.clone());
+                tokio::spawn(async move { l.complete(id, execute(sim.as_ref(), cmd).await) });
+            }
+        });
+        link
+    }
+
+    #[tokio::test]
+    async fn calls_travel_over_the_link_and_fail_fast_without_one() {
+        let remote = RemoteHypervisor::new(Duration::from_secs(5));
+        assert!(matches!(remote.list().await, Err(DriverError::Failed(m)) if m.contains("offline")));
+        let sim = Arc::new(SimHypervisor::new("n", 1, SimTimings::instant(), None));
+        remote.attach(Some(serve(sim.clone())));
+        let spec = VmSpec { name: "vm".into(), template: "t".into(), cores: 1, ram_mb: 512, disk_mb: 1024 };
+        let d = remote.create(&spec).await.unwrap();
+        remote.start(&d).await.unwrap();
+        assert_eq!(remote.list().await.unwrap(), vec![d.clone()]);
+        assert_eq!(sim.domains(), vec![d.clone()]);
+        assert!(matches!(remote.revert("nope", "clean").await, Err(DriverError::NotFound(_))));
+        remote.destroy(&d).await.unwrap();
+        assert!(sim.domains().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_closed_link_fails_waiting_calls() {
+        let remote = Arc::new(RemoteHypervisor::new(Duration::from_secs(30)));
+        let (link, _rx) = AgentLink::new(); // nobody answers
+        remote.attach(Some(link.clone()));
+        let r = remote.clone();
+        let call = tokio::spawn(async move { r.list().await });
+        // The call is registered before the link closes: poll until it is.
+        while link.pending.lock().is_empty() {
+            tokio::task::yield_now().await;
+        }
+        remote.detach(&link);
+        assert!(matches!(call.await.unwrap(), Err(DriverError::Failed(m)) if m.contains("lost")));
+        assert!(!remote.connected());
+    }
+}

@@ -1,0 +1,99 @@
+//! The agents' WebSocket (`GET /api/v1/agent`). The credential is checked before the upgrade
+//! (a bad one gets 401 and the JSON envelope, not a socket). The first frame must be the
+//! agent's `Hello` (within `HELLO_TIMEOUT`); the registry attaches the connection and the hive
+//! answers `Welcome`. After that frames flow both ways until either side closes; the registry
+//! is told when the connection ends, and every command still waiting on it fails.
+
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use warp::Filter;
+use warp::filters::BoxedFilter;
+use warp::filters::ws::{Message, WebSocket, Ws};
+use warp::reply::Response;
+
+use super::error::ApiError;
+use super::{auth, with_hive};
+use crate::agent::proto::{AgentMsg, HiveMsg};
+use crate::app::Hive;
+use crate::domain::NodeId;
+use crate::drivers::remote::AgentLink;
+use crate::membership::MembershipError;
+
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub fn route(hive: Hive) -> BoxedFilter<(Response,)> {
+    warp::path!("api" / "v1" / "agent")
+        .and(warp::get())
+        .and(with_hive(hive))
+        .and(auth())
+        .and(warp::ws())
+        .then(|hive: Hive, token: Option<String>, ws: Ws| async move {
+            let credential = token.as_deref().and_then(|t| t.strip_prefix("Bearer ")).unwrap_or("");
+            match hive.authenticate_agent(credential).await {
+                Ok(node) => warp::Reply::into_response(ws.on_upgrade(move |socket| connection(hive, node, socket))),
+                Err(e) => {
+                    if matches!(e, MembershipError::BadCredential) {
+                        tracing::warn!("agent connection refused: bad credential");
+                    }
+                    ApiError::from(e).into_response()
+                }
+            }
+        })
+        .boxed()
+}
+
+fn frame(msg: &HiveMsg) -> Message {
+    Message::text(serde_json::to_string(msg).unwrap_or_default())
+}
+
+async fn connection(hive: Hive, node: NodeId, ws: WebSocket) {
+    let (mut tx, mut rx) = ws.split();
+    let hello = match tokio::time::timeout(HELLO_TIMEOUT, rx.next()).await {
+        Ok(Some(Ok(m))) => m.to_str().ok().and_then(|t| serde_json::from_str::<AgentMsg>(t).ok()),
+        _ => None,
+    };
+    let Some(AgentMsg::Hello(hello)) = hello else {
+        let _ = tx.send(frame(&HiveMsg::Refused { reason: "the first frame must be a hello".into() })).await;
+        let _ = tx.close().await;
+        return;
+    };
+    let registry = hive.nodes_handle().clone();
+    let (link, mut out) = AgentLink::new();
+    match registry.attach(node, hello, link.clone()).await {
+        Ok(heartbeat_ms) => {
+            link.send(HiveMsg::Welcome { node_id: node, heartbeat_ms });
+        }
+        Err(e) => {
+            tracing::warn!(node.id = node, error = %e, "agent refused");
+            let _ = tx.send(frame(&HiveMsg::Refused { reason: e.to_string() })).await;
+            let _ = tx.close().await;
+            return;
+        }
+    }
+    loop {
+        tokio::select! {
+            msg = out.recv() => {
+                let Some(msg) = msg else { break };
+                let last = matches!(msg, HiveMsg::Refused { .. });
+                if tx.send(frame(&msg)).await.is_err() || last {
+                    break;
+                }
+            }
+            incoming = rx.next() => match incoming {
+                Some(Ok(m)) if m.is_text() => match m.to_str().map(serde_json::from_str::<AgentMsg>) {
+                    Ok(Ok(AgentMsg::Heartbeat { stats, .. })) => registry.heartbeat(node, stats),
+                    Ok(Ok(AgentMsg::Reply { id, result })) => link.complete(id, result),
+                    Ok(Ok(AgentMsg::Hello(_))) => tracing::warn!(node.id = node, "second hello on one connection ignored"),
+                    Ok(Err(e)) => tracing::warn!(node.id = node, error = %e, "unreadable frame from agent"),
+                    Err(()) => {}
+                },
+                Some(Ok(m)) if m.is_close() => break,
+                Some(Ok(_)) => {}
+                Some(Err(_)) | None => break,
+            },
+        }
+    }
+    let _ = tx.close().await;
+    registry.detach(node, link);
+}

@@ -1,0 +1,276 @@
+//! Nodes over the network, with real processes: one `hive` and several `hive node` agents on
+//! loopback (each agent drives the simulated hypervisor; the hive, the agents, the WebSocket
+//! and the store are real). A node killed with SIGKILL turns dead within three heartbeat
+//! intervals, its VMs are replaced on other nodes and its user's handle reports the loss; a
+//! hive killed and restarted under live agents duplicates no node and no VM and keeps handles.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::support::{hive_bin, until};
+
+/// Heartbeat of these tests; suspect after 1.5 beats, dead after 2.5.
+const BEAT_MS: u64 = 400;
+
+struct Proc {
+    child: Child,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+struct Hive {
+    proc: Proc,
+    base: String,
+    token: String,
+}
+
+fn start_hive(dir: &Path, listen: &str) -> Hive {
+    let mut child = Command::new(hive_bin())
+        .args(["up", "--listen", listen, "--sim-nodes", "0", "--data-dir"])
+        .arg(dir)
+        .env("HIVE_NODE__HEARTBEAT_MS", BEAT_MS.to_string())
+        .env("HIVE_NODE__SUSPECT_AFTER_MS", (BEAT_MS * 3 / 2).to_string())
+        .env("HIVE_NODE__DEAD_AFTER_MS", (BEAT_MS * 5 / 2).to_string())
+        .env("HIVE_NODE__PLACEMENT_TOP_K", "1")
+        .env("HIVE_POOL__PING_INTERVAL_MS", "200")
+        .env("HIVE_POOL__BOOT_BACKOFF_MAX_MS", "1000")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start hive");
+    let out = BufReader::new(child.stdout.take().expect("stdout"));
+    let mut base = None;
+    for line in out.lines() {
+        let line = line.expect("stdout line");
+        if let Some(url) = line.strip_prefix("listening on ") {
+            base = Some(url.trim().to_string());
+            break;
+        }
+    }
+    let token = std::fs::read_to_string(dir.join("admin-token")).expect("admin token").trim().to_string();
+    Hive { proc: Proc { child }, base: base.expect("hive printed where it listens"), token }
+}
+
+fn start_agent(hive: &str, token: &str, dir: &Path, name: &str) -> Proc {
+    let child = Command::new(hive_bin())
+        .args(["node", "--hive", hive, "--cores", "4", "--ram-mb", "8192", "--disk-mb", "100000", "--name", name, "--data-dir"])
+        .arg(dir)
+        .env("HIVE_NODE_TOKEN", token)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start agent");
+    Proc { child }
+}
+
+struct Cluster {
+    hive: Hive,
+    agents: Vec<(String, PathBuf, Proc)>,
+    c: reqwest::Client,
+    _dir: tempfile::TempDir,
+}
+
+impl Cluster {
+    async fn start(nodes: usize) -> Cluster {
+        let dir = tempfile::tempdir().unwrap();
+        let hive = start_hive(&dir.path().join("hive"), "127.0.0.1:0");
+        let c = reqwest::Client::new();
+        let mut agents = Vec::new();
+        for i in 1..=nodes {
+            let jt = c
+                .post(format!("{}/api/v1/nodes/join-tokens", hive.base))
+                .bearer_auth(&hive.token)
+                .send()
+                .await
+                .unwrap()
+                .json::<Value>()
+                .await
+                .unwrap();
+            let name = format!("agent-{i}");
+            let adir = dir.path().join(&name);
+            agents.push((name.clone(), adir.clone(), start_agent(&hive.base, jt["token"].as_str().unwrap(), &adir, &name)));
+        }
+        let cl = Cluster { hive, agents, c, _dir: dir };
+        cl.until_nodes("all nodes ready", |n| n.len() == nodes && n.iter().all(|n| n["state"] == "ready")).await;
+        cl
+    }
+
+    /// GET as JSON; `Null` if the hive cannot be reached (it may be restarting: callers poll).
+    async fn get(&self, path: &str) -> Value {
+        match self.c.get(format!("{}{path}", self.hive.base)).send().await {
+            Ok(r) => r.json().await.unwrap_or(Value::Null),
+            Err(_) => Value::Null,
+        }
+    }
+
+    async fn post(&self, path: &str) -> String {
+        let r = self.c.post(format!("{}{path}", self.hive.base)).send().await.expect("request");
+        assert!(r.status().is_success(), "POST {path}: {}", r.status());
+        r.text().await.unwrap()
+    }
+
+    async fn nodes(&self) -> Vec<Value> {
+        self.get("/api/v1/nodes").await.as_array().cloned().unwrap_or_default()
+    }
+
+    async fn until_nodes(&self, what: &str, pred: impl Fn(&[Value]) -> bool) -> Vec<Value> {
+        until(what, Duration::from_secs(30), || async {
+            let n = self.nodes().await;
+            pred(&n).then_some(n)
+        })
+        .await
+    }
+
+    /// The default pool's VMs as (id, state, node).
+    async fn vms(&self) -> Vec<(u64, String, Option<u64>)> {
+        let p = self.get("/api/v1/pools/default").await;
+        p["vm_list"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| (v["id"].as_u64().unwrap(), v["state"].as_str().unwrap().to_string(), v["node"].as_u64()))
+            .collect()
+    }
+
+    async fn assigned(&self, h: u64) -> Value {
+        until("handle assigned", Duration::from_secs(30), || async {
+            let s = self.get(&format!("/handle-status/{h}")).await;
+            (s["assigned"] == true).then_some(s)
+        })
+        .await
+    }
+
+    async fn node_of_vm(&self, vm: u64) -> u64 {
+        self.vms().await.into_iter().find(|v| v.0 == vm).and_then(|v| v.2).expect("the VM is placed")
+    }
+}
+
+/// Domains an agent's simulated hypervisor holds, read from its state file.
+fn agent_domains(dir: &Path) -> usize {
+    let text = std::fs::read_to_string(dir.join("sim-state.json")).unwrap_or_else(|_| "{}".into());
+    let v: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+    v.as_object().map(|m| m.len()).unwrap_or(0)
+}
+
+#[tokio::test]
+async fn a_killed_node_turns_dead_and_its_vms_are_replaced_elsewhere() {
+    let mut cl = Cluster::start(3).await;
+    cl.post("/set-pool-size/3/6/600000").await;
+    let b: u64 = cl.post("/prepare-batch/1/https%3A%2F%2Fexample.org").await.parse().unwrap();
+    let h: u64 = cl.post(&format!("/lock/{b}")).await.parse().unwrap();
+    let vm = cl.assigned(h).await["vmid"].as_u64().unwrap();
+    let victim = cl.node_of_vm(vm).await;
+    let nodes = cl.nodes().await;
+    let name = nodes.iter().find(|n| n["id"] == victim).unwrap()["name"].as_str().unwrap().to_string();
+    let i = cl.agents.iter().position(|(n, _, _)| *n == name).expect("the agent of that node");
+    let (_, _, mut proc) = cl.agents.remove(i);
+    proc.child.kill().expect("kill -9 the agent");
+    proc.child.wait().unwrap();
+
+    let nodes = cl.until_nodes("the killed node is dead", |n| n.iter().any(|n| n["id"] == victim && n["state"] == "dead")).await;
+    let dead = nodes.iter().find(|n| n["id"] == victim).unwrap();
+    // By the hive's own clock: from the last heartbeat it got to the declaration of death.
+    let silent = dead["state_since"].as_u64().unwrap() - dead["last_heartbeat_at"].as_u64().unwrap();
+    assert!(silent <= 3 * BEAT_MS, "dead {silent} ms after the last heartbeat (limit {} ms)", 3 * BEAT_MS);
+
+    // The handle reports the loss.
+    until("the handle reports the loss", Duration::from_secs(30), || async {
+        let ev = cl.get(&format!("/fetch-events/{h}/-1")).await;
+        let events = ev["newEvents"].as_array().cloned().unwrap_or_default();
+        events.iter().any(|e| e["data"]["type"] == "vm-lost").then_some(())
+    })
+    .await;
+
+    // The pool is whole again, on the living nodes only.
+    until("VMs replaced on other nodes", Duration::from_secs(30), || async {
+        let vms = cl.vms().await;
+        let ok = vms.len() >= 3 && vms.iter().all(|v| v.2 != Some(victim) && matches!(v.1.as_str(), "free" | "ready" | "occupied"));
+        ok.then_some(())
+    })
+    .await;
+    // A new user gets a VM on a living node.
+    let h2: u64 = cl.post(&format!("/lock/{b}")).await.parse().unwrap();
+    let vm2 = cl.assigned(h2).await["vmid"].as_u64().unwrap();
+    assert_ne!(cl.node_of_vm(vm2).await, victim);
+}
+
+#[tokio::test]
+async fn restarting_the_hive_under_live_agents_duplicates_nothing() {
+    let mut cl = Cluster::start(2).await;
+    cl.post("/set-pool-size/2/4/600000").await;
+    let b: u64 = cl.post("/prepare-batch/1/https%3A%2F%2Fexample.org").await.parse().unwrap();
+    let h: u64 = cl.post(&format!("/lock/{b}")).await.parse().unwrap();
+    let before = cl.assigned(h).await;
+    let settled = until("pool settled", Duration::from_secs(30), || async {
+        let vms = cl.vms().await;
+        (vms.len() >= 2 && vms.iter().all(|v| matches!(v.1.as_str(), "free" | "ready" | "occupied"))).then_some(vms)
+    })
+    .await;
+    let node_ids: Vec<Value> = cl.nodes().await.iter().map(|n| n["id"].clone()).collect();
+
+    // Kill the hive (no shutdown path runs) and start it again on the same address.
+    let listen = cl.hive.base.trim_start_matches("http://").to_string();
+    cl.hive.proc.child.kill().unwrap();
+    cl.hive.proc.child.wait().unwrap();
+    let dir = cl._dir.path().join("hive");
+    cl.hive = start_hive(&dir, &listen);
+
+    let nodes = cl.until_nodes("agents re-registered", |n| n.len() == 2 && n.iter().all(|n| n["state"] == "ready")).await;
+    assert_eq!(nodes.iter().map(|n| n["id"].clone()).collect::<Vec<_>>(), node_ids, "the same nodes, none added");
+    let after = cl.get(&format!("/handle-status/{h}")).await;
+    assert_eq!(after["vmid"], before["vmid"], "the handle keeps its VM");
+    let vms = cl.vms().await;
+    let ids = |v: &[(u64, String, Option<u64>)]| v.iter().map(|x| (x.0, x.2)).collect::<Vec<_>>();
+    assert_eq!(ids(&vms), ids(&settled), "the same VMs on the same nodes");
+    // Every VM of the pool exists once on its agent, and no agent holds a domain the pool lacks.
+    let domains: usize = cl.agents.iter().map(|(_, d, _)| agent_domains(d)).sum();
+    assert_eq!(domains, vms.len(), "domains on the agents vs VMs in the pool");
+}
+
+#[tokio::test]
+async fn bad_tokens_and_credentials_are_refused() {
+    let cl = Cluster::start(0).await;
+    let url = |p: &str| format!("{}{p}", cl.hive.base);
+    // Join tokens are an admin's to give.
+    let r = cl.c.post(url("/api/v1/nodes/join-tokens")).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    let r = cl.c.post(url("/api/v1/nodes/register")).bearer_auth("hjt_nope").json(&serde_json::json!({"name": "x"})).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    assert_eq!(r.json::<Value>().await.unwrap()["error"]["code"], "bad_join_token");
+    // A token joins once.
+    let jt = cl.c.post(url("/api/v1/nodes/join-tokens")).bearer_auth(&cl.hive.token).send().await.unwrap().json::<Value>().await.unwrap();
+    let jt = jt["token"].as_str().unwrap();
+    let first = cl.c.post(url("/api/v1/nodes/register")).bearer_auth(jt).json(&serde_json::json!({"name": "x"})).send().await.unwrap();
+    assert_eq!(first.status(), 201);
+    let credential = first.json::<Value>().await.unwrap()["credential"].as_str().unwrap().to_string();
+    // A node's credential opens the origin's manifests and pieces (here: auth passes, no image).
+    let manifest = url(&format!("/api/v1/images/{}/manifest", "a".repeat(64)));
+    assert_eq!(cl.c.get(&manifest).bearer_auth(&credential).send().await.unwrap().status(), 404);
+    assert_eq!(cl.c.get(&manifest).bearer_auth(format!("hnc_{}", "y".repeat(40))).send().await.unwrap().status(), 401);
+    let again = cl.c.post(url("/api/v1/nodes/register")).bearer_auth(jt).json(&serde_json::json!({"name": "y"})).send().await.unwrap();
+    assert_eq!(again.status(), 401);
+    // An agent with a made-up credential is refused and stops, saying why.
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(hive_bin())
+        .args(["node", "--hive", &cl.hive.base, "--cores", "1", "--ram-mb", "1024", "--disk-mb", "1000", "--data-dir"])
+        .arg(dir.path())
+        .env("HIVE_NODE_TOKEN", format!("hnc_{}", "x".repeat(40)))
+        .env("RUST_LOG", "error")
+        .output()
+        .expect("run agent");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("did not accept"), "{err}");
+    assert_eq!(cl.nodes().await.len(), 1, "only the node that joined with the token");
+}
