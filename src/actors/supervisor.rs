@@ -209,6 +209,12 @@ async fn start_registry(me: &ActorRef<HiveMsg>, args: &SupervisorArgs) -> Result
     for r in args.template.writer.store().load_nodes().await?.iter().filter(|r| r.remote) {
         args.nodes.register(remote_spec(r, args.nodes.remote(r.id))).await?;
     }
+    // Ratings live in the store; without this a restart would forget every review a node earned.
+    if let Some(rows) = args.template.writer.store().node_rows() {
+        for (node, count, stars) in rows.rating_totals().await? {
+            args.nodes.rating_totals(node, count, stars);
+        }
+    }
     Ok(())
 }
 

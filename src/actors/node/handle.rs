@@ -91,6 +91,11 @@ impl NodeRegistryHandle {
         self.slot.cast(RegistryMsg::Rated(node, stars));
     }
 
+    /// Set a node's rating totals from the store (after a start or a registry restart).
+    pub fn rating_totals(&self, node: NodeId, count: u64, stars: u64) {
+        self.slot.cast(RegistryMsg::RatingTotals(node, count, stars));
+    }
+
     pub async fn list(&self) -> Result<Vec<NodeView>, NodeError> {
         Ok(self.slot.call(RegistryMsg::List, self.timeout).await?)
     }

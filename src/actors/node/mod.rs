@@ -255,6 +255,8 @@ pub enum RegistryMsg {
     Failed(NodeId),
     /// An end user rated a session on this node.
     Rated(NodeId, u8),
+    /// A node's ratings as the store holds them (count, sum of stars), at (re)start.
+    RatingTotals(NodeId, u64, u64),
     List(RpcReplyPort<Vec<NodeView>>),
     Driver(NodeId, RpcReplyPort<Result<Arc<dyn Hypervisor>, NodeError>>),
     SetAdmin {
@@ -400,6 +402,11 @@ impl Actor for NodeRegistry {
                 if let Some(e) = st.nodes.get_mut(&node) {
                     e.ratings.0 += 1;
                     e.ratings.1 += u64::from(stars);
+                }
+            }
+            RegistryMsg::RatingTotals(node, count, stars) => {
+                if let Some(e) = st.nodes.get_mut(&node) {
+                    e.ratings = (count, stars);
                 }
             }
             RegistryMsg::List(reply) => {
