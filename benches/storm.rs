@@ -109,6 +109,7 @@ async fn agent(base: String, join: String, i: usize, stop: tokio::sync::watch::R
         addresses: vec!["127.0.0.1".into()],
         domains: vec![],
         images: vec![],
+        peer_url: None,
     });
     tx.send(Message::text(serde_json::to_string(&hello)?)).await?;
     let mut beat = tokio::time::interval(Duration::from_secs(1));
@@ -118,7 +119,7 @@ async fn agent(base: String, join: String, i: usize, stop: tokio::sync::watch::R
         tokio::select! {
             _ = beat.tick() => {
                 seq += 1;
-                let hb = AgentMsg::Heartbeat { seq, stats: HostStats::default() };
+                let hb = AgentMsg::Heartbeat { seq, stats: HostStats::default(), cache: None };
                 tx.send(Message::text(serde_json::to_string(&hb)?)).await?;
             }
             m = rx.next() => match m {

@@ -3,6 +3,7 @@ pub mod agent;
 pub mod app;
 pub mod config;
 pub mod ctl;
+pub mod distribution;
 pub mod domain;
 pub mod drivers;
 pub mod http;

@@ -54,9 +54,18 @@ struct NodeArgs {
     /// Name shown in the hive (default: the host name).
     #[arg(long)]
     name: Option<String>,
-    /// Address at which this host's VMs can be reached (VNC), as the hive should hand it out.
+    /// Address at which this host's VMs (VNC) and piece server can be reached.
     #[arg(long, default_value = "127.0.0.1")]
     address: String,
+    /// Where the piece server listens for peers (port 0: any free port).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    peer_listen: std::net::SocketAddr,
+    /// Upload cap for serving pieces to peers, MB/s (default: none).
+    #[arg(long)]
+    upload_mbps: Option<u64>,
+    /// Download cap for fetching pieces, MB/s (default: none).
+    #[arg(long)]
+    download_mbps: Option<u64>,
 }
 
 async fn node(a: NodeArgs) -> anyhow::Result<()> {
@@ -87,6 +96,8 @@ async fn node(a: NodeArgs) -> anyhow::Result<()> {
         addresses: vec![a.address],
         data_dir: a.data_dir,
         backoff_max: std::time::Duration::from_secs(30),
+        peer_listen: a.peer_listen,
+        caps: guaca_hive::agent::images::Caps { up: a.upload_mbps.map(|m| m * 1_000_000), down: a.download_mbps.map(|m| m * 1_000_000) },
     };
     tokio::select! {
         r = agent::run(cfg, hv) => Ok(r?),

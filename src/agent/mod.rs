@@ -5,8 +5,10 @@
 //! - `proto`: the wire messages both sides speak.
 //! - `run`: credential, connection, heartbeats, commands, reconnection.
 //! - `host`: host context for heartbeats, read from the OS.
+//! - `images`: images fetched as pieces from peers and the hive, and served to peers.
 
 pub mod host;
+pub mod images;
 pub mod proto;
 pub mod run;
 

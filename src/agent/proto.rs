@@ -53,14 +53,59 @@ pub struct Hello {
     /// Images (SHA-256) the node holds ready.
     #[serde(default)]
     pub images: Vec<String>,
+    /// Where the node's piece server answers peers (`http://host:port`).
+    #[serde(default)]
+    pub peer_url: Option<String>,
+}
+
+/// The node cache's read counters (every read is exactly one of the first four).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CacheCounters {
+    pub local_hit: u64,
+    pub remote_hit: u64,
+    pub miss: u64,
+    pub skip: u64,
+    /// Pieces served to peers.
+    pub served: u64,
+}
+
+/// A peer that holds (or is fetching) an image's pieces.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Peer {
+    pub node: u64,
+    pub url: String,
+}
+
+/// What fetching an image onto a node did; `verified` is the whole-file SHA-256 check.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Fetched {
+    pub sha256: String,
+    pub size: u64,
+    pub pieces: usize,
+    pub elapsed_ms: u64,
+    pub local_hits: u64,
+    pub remote_hits: u64,
+    pub misses: u64,
+    pub peer_bytes: u64,
+    pub origin_bytes: u64,
+    pub bad_pieces: u64,
+    pub verified: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum AgentMsg {
     Hello(Hello),
-    Heartbeat { seq: u64, stats: HostStats },
-    Reply { id: u64, result: Result<CmdOk, DriverError> },
+    Heartbeat {
+        seq: u64,
+        stats: HostStats,
+        #[serde(default)]
+        cache: Option<CacheCounters>,
+    },
+    Reply {
+        id: u64,
+        result: Result<CmdOk, DriverError>,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -85,19 +130,51 @@ pub enum HiveMsg {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Command {
-    Create { spec: VmSpec },
-    Start { domain: String },
-    Stop { domain: String },
-    Suspend { domain: String },
-    Resume { domain: String },
-    Snapshot { domain: String, name: String },
-    Revert { domain: String, name: String },
-    Destroy { domain: String },
-    Console { domain: String },
-    Ping { domain: String },
-    Prepare { domain: String, spec: PrepareSpec },
-    Stats { domain: String },
+    Create {
+        spec: VmSpec,
+    },
+    Start {
+        domain: String,
+    },
+    Stop {
+        domain: String,
+    },
+    Suspend {
+        domain: String,
+    },
+    Resume {
+        domain: String,
+    },
+    Snapshot {
+        domain: String,
+        name: String,
+    },
+    Revert {
+        domain: String,
+        name: String,
+    },
+    Destroy {
+        domain: String,
+    },
+    Console {
+        domain: String,
+    },
+    Ping {
+        domain: String,
+    },
+    Prepare {
+        domain: String,
+        spec: PrepareSpec,
+    },
+    Stats {
+        domain: String,
+    },
     List,
+    /// Fetch an image (pieces from `peers` and the hive) and verify it; not a hypervisor call.
+    FetchImage {
+        sha256: String,
+        peers: Vec<Peer>,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -109,6 +186,7 @@ pub enum CmdOk {
     Console(Console),
     Guest(GuestStatus),
     Stats(VmStats),
+    Fetched(Fetched),
 }
 
 #[cfg(test)]
@@ -125,6 +203,7 @@ mod tests {
             addresses: vec!["127.0.0.1".into()],
             domains: vec!["d1".into()],
             images: vec![],
+            peer_url: None,
         });
         let s = serde_json::to_string(&hello).unwrap();
         assert!(s.starts_with(r#"{"type":"hello""#), "{s}");

@@ -17,7 +17,8 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::{self, Message};
 
 use super::host::HostSampler;
-use super::proto::{AGENT_WS_PATH, AgentMsg, Hello, HiveMsg, Offer, PROTOCOL_VERSION};
+use super::images::{AgentImages, Caps};
+use super::proto::{AGENT_WS_PATH, AgentMsg, CmdOk, Command, Hello, HiveMsg, Offer, PROTOCOL_VERSION};
 use crate::drivers::Hypervisor;
 use crate::drivers::remote::execute;
 
@@ -45,6 +46,9 @@ pub struct AgentConfig {
     pub addresses: Vec<String>,
     pub data_dir: PathBuf,
     pub backoff_max: Duration,
+    /// Where the piece server listens for peers (port 0: any free port).
+    pub peer_listen: std::net::SocketAddr,
+    pub caps: Caps,
 }
 
 /// What the agent keeps between runs (`data_dir/credential.json`, mode 0600).
@@ -123,10 +127,17 @@ enum Ended {
 pub async fn run(cfg: AgentConfig, hv: Arc<dyn Hypervisor>) -> Result<(), AgentError> {
     std::fs::create_dir_all(&cfg.data_dir)?;
     let credential = credential(&cfg).await?;
+    let images = AgentImages::open(&cfg.data_dir, &cfg.hive, &credential, cfg.caps).await.map_err(|e| AgentError::Config(e.to_string()))?;
+    let listener = tokio::net::TcpListener::bind(cfg.peer_listen).await?;
+    let port = listener.local_addr()?.port();
+    let host_name = cfg.addresses.first().cloned().unwrap_or_else(|| "127.0.0.1".into());
+    let peer_url = format!("http://{host_name}:{port}");
+    tokio::spawn(warp::serve(images.routes()).incoming(listener).run());
+    tracing::info!(%peer_url, "serving pieces to peers");
     let mut host = HostSampler::new(&cfg.data_dir);
     let mut backoff = Duration::from_millis(100);
     loop {
-        match connect_once(&cfg, &credential, hv.clone(), &mut host).await {
+        match connect_once(&cfg, &credential, hv.clone(), &mut host, &images, &peer_url).await {
             Ok(Ended::AfterWelcome) => {
                 backoff = Duration::from_millis(100);
                 tracing::warn!("connection to the hive lost; reconnecting");
@@ -141,7 +152,14 @@ pub async fn run(cfg: AgentConfig, hv: Arc<dyn Hypervisor>) -> Result<(), AgentE
     }
 }
 
-async fn connect_once(cfg: &AgentConfig, credential: &str, hv: Arc<dyn Hypervisor>, host: &mut HostSampler) -> Result<Ended, AgentError> {
+async fn connect_once(
+    cfg: &AgentConfig,
+    credential: &str,
+    hv: Arc<dyn Hypervisor>,
+    host: &mut HostSampler,
+    images: &AgentImages,
+    peer_url: &str,
+) -> Result<Ended, AgentError> {
     let url = format!("{}{AGENT_WS_PATH}", cfg.hive.trim_end_matches('/').replacen("http", "ws", 1));
     let mut req = url.into_client_request().map_err(|e| AgentError::Config(format!("hive URL: {e}")))?;
     let auth = format!("Bearer {credential}").parse().map_err(|_| AgentError::Config("credential is not a valid header value".into()))?;
@@ -166,7 +184,8 @@ async fn connect_once(cfg: &AgentConfig, credential: &str, hv: Arc<dyn Hyperviso
         driver: hv.kind().to_string(),
         addresses: cfg.addresses.clone(),
         domains,
-        images: vec![],
+        images: images.held(),
+        peer_url: Some(peer_url.to_string()),
     });
     if let Err(e) = tx.send(text(&hello)).await {
         return Ok(Ended::Failed(e.to_string()));
@@ -186,7 +205,8 @@ async fn connect_once(cfg: &AgentConfig, credential: &str, hv: Arc<dyn Hyperviso
         tokio::select! {
             _ = beat.tick() => {
                 seq += 1;
-                if tx.send(text(&AgentMsg::Heartbeat { seq, stats: host.sample() })).await.is_err() {
+                let beat = AgentMsg::Heartbeat { seq, stats: host.sample(), cache: Some(images.counters()) };
+                if tx.send(text(&beat)).await.is_err() {
                     return Ok(Ended::AfterWelcome);
                 }
             }
@@ -196,6 +216,16 @@ async fn connect_once(cfg: &AgentConfig, credential: &str, hv: Arc<dyn Hyperviso
                 }
             }
             msg = read(&mut rx) => match msg {
+                Some(HiveMsg::Command { id, cmd: Command::FetchImage { sha256, peers } }) => {
+                    let (images, out) = (images.clone(), out_tx.clone());
+                    tokio::spawn(async move {
+                        let result = images.fetch(&sha256, peers).await.map(CmdOk::Fetched);
+                        if let Err(e) = &result {
+                            tracing::warn!(image = %sha256, error = %e, "image fetch failed");
+                        }
+                        let _ = out.send(AgentMsg::Reply { id, result });
+                    });
+                }
                 Some(HiveMsg::Command { id, cmd }) => {
                     let (hv, out) = (hv.clone(), out_tx.clone());
                     tokio::spawn(async move {

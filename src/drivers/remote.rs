@@ -14,7 +14,7 @@ use parking_lot::Mutex;
 use tokio::sync::{mpsc, oneshot};
 
 use super::{Console, DriverError, GuestStatus, Hypervisor, PrepareSpec, VmSpec, VmStats};
-use crate::agent::proto::{CmdOk, Command, HiveMsg};
+use crate::agent::proto::{CmdOk, Command, Fetched, HiveMsg, Peer};
 
 type Pending = HashMap<u64, oneshot::Sender<Result<CmdOk, DriverError>>>;
 
@@ -99,6 +99,15 @@ impl RemoteHypervisor {
         if let Some(link) = self.link.lock().take() {
             link.send(HiveMsg::Refused { reason: reason.to_string() });
             link.close();
+        }
+    }
+
+    /// Have the agent fetch and verify an image, from `peers` and the hive; may take long.
+    pub async fn fetch_image(&self, sha256: &str, peers: Vec<Peer>, timeout: Duration) -> Result<Fetched, DriverError> {
+        let link = self.link.lock().clone().ok_or_else(|| DriverError::Failed("node offline".into()))?;
+        match link.call(Command::FetchImage { sha256: sha256.into(), peers }, timeout).await? {
+            CmdOk::Fetched(f) => Ok(f),
+            other => Err(unexpected(other)),
         }
     }
 
@@ -205,6 +214,7 @@ pub async fn execute(h: &dyn Hypervisor, cmd: Command) -> Result<CmdOk, DriverEr
         Command::Prepare { domain, spec } => h.prepare(&domain, &spec).await.map(|_| CmdOk::Done)?,
         Command::Stats { domain } => CmdOk::Stats(h.stats(&domain).await?),
         Command::List => CmdOk::Domains(h.list().await?),
+        Command::FetchImage { .. } => return Err(DriverError::Unsupported("fetch_image is the agent's, not the hypervisor's".into())),
     })
 }
 

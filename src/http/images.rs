@@ -84,9 +84,33 @@ pub fn routes(hive: Hive) -> BoxedFilter<(Response,)> {
         .and(h())
         .and(auth())
         .then(|sha, i, hive, t| timed("/api/v1/images/{sha256}/pieces/{index}", show_piece(hive, sha, i, t)));
+    let distribute = images()
+        .and(warp::path!(String / "distribute"))
+        .and(warp::post())
+        .and(h())
+        .and(auth())
+        .and(body())
+        .then(|sha, hive, t, b| timed("/api/v1/images/{sha256}/distribute", distribute(hive, sha, t, b)));
+    let replicas = images()
+        .and(warp::path!(String / "replicas"))
+        .and(warp::get())
+        .and(h())
+        .then(|sha, hive| timed("/api/v1/images/{sha256}/replicas", replicas(hive, sha)));
     let upload_routes = create.or(status).unify().or(write).unify().or(complete).unify().or(abort).unify().boxed();
     let image_routes = list.or(show).unify().or(delete).unify().or(manifest).unify().or(piece).unify().boxed();
-    upload_routes.or(image_routes).unify().boxed()
+    let replica_routes = distribute.or(replicas).unify().boxed();
+    upload_routes.or(image_routes).unify().or(replica_routes).unify().boxed()
+}
+
+/// Place replicas of an image on nodes (admin): 202 with the chosen nodes; they fetch it now.
+async fn distribute(hive: Hive, sha: String, token: Option<String>, body: Bytes) -> ApiResult {
+    require_admin(&hive, token.as_deref())?;
+    let req: crate::images::distribute::DistributeRequest = if body.is_empty() { Default::default() } else { reply::body(&body)? };
+    Ok(reply::json_status(StatusCode::ACCEPTED, &hive.distribute(&sha, req).await?))
+}
+
+async fn replicas(hive: Hive, sha: String) -> ApiResult {
+    Ok(reply::json(&hive.replicas(&sha).await?))
 }
 
 /// Who may fetch manifests and pieces: the admin, and nodes with their own credential (the

@@ -9,6 +9,7 @@
 //! files no row accounts for (left by a crash between a file step and its commit) are removed.
 
 pub mod blob;
+pub mod distribute;
 mod types;
 
 use std::collections::{HashMap, HashSet};

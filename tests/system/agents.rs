@@ -125,7 +125,7 @@ impl Cluster {
     }
 
     async fn until_nodes(&self, what: &str, pred: impl Fn(&[Value]) -> bool) -> Vec<Value> {
-        until(what, Duration::from_secs(30), || async {
+        until(what, Duration::from_secs(60), || async {
             let n = self.nodes().await;
             pred(&n).then_some(n)
         })
@@ -273,4 +273,104 @@ async fn bad_tokens_and_credentials_are_refused() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("did not accept"), "{err}");
     assert_eq!(cl.nodes().await.len(), 1, "only the node that joined with the token");
+}
+
+/// Upload `data` as an image through the API, in chunks; answers its SHA-256.
+async fn upload(cl: &Cluster, data: &[u8]) -> String {
+    use sha2::Digest;
+    let sha = hex::encode(sha2::Sha256::digest(data));
+    let url = |p: &str| format!("{}{p}", cl.hive.base);
+    let body = serde_json::json!({"name": "desktop", "sha256": sha, "size": data.len(), "cores": 1, "ram_mb": 1024, "disk_mb": 4096});
+    let r: Value =
+        cl.c.post(url("/api/v1/images/uploads")).bearer_auth(&cl.hive.token).json(&body).send().await.unwrap().json().await.unwrap();
+    let id = r["upload_id"].as_str().expect("upload id").to_string();
+    let chunk = r["chunk_max"].as_u64().unwrap() as usize;
+    for (i, part) in data.chunks(chunk).enumerate() {
+        let r =
+            cl.c.patch(url(&format!("/api/v1/images/uploads/{id}?offset={}", i * chunk)))
+                .bearer_auth(&cl.hive.token)
+                .body(part.to_vec())
+                .send()
+                .await
+                .unwrap();
+        assert!(r.status().is_success(), "chunk {i}: {}", r.status());
+    }
+    let r = cl.c.post(url(&format!("/api/v1/images/uploads/{id}/complete"))).bearer_auth(&cl.hive.token).send().await.unwrap();
+    assert_eq!(r.status(), 201, "complete");
+    sha
+}
+
+async fn distribute(cl: &Cluster, sha: &str, body: Value) -> Vec<u64> {
+    let r =
+        cl.c.post(format!("{}/api/v1/images/{sha}/distribute", cl.hive.base)).bearer_auth(&cl.hive.token).json(&body).send().await.unwrap();
+    assert_eq!(r.status(), 202);
+    r.json::<Value>().await.unwrap()["nodes"].as_array().unwrap().iter().map(|n| n.as_u64().unwrap()).collect()
+}
+
+async fn until_replicas_ready(cl: &Cluster, sha: &str, n: usize) -> Vec<Value> {
+    until("replicas ready", Duration::from_secs(240), || async {
+        let r = cl.get(&format!("/api/v1/images/{sha}/replicas")).await;
+        let list = r.as_array().cloned().unwrap_or_default();
+        assert!(!list.iter().any(|x| x["state"] == "failed"), "a fetch failed: {r}");
+        (list.iter().filter(|x| x["state"] == "ready").count() == n).then_some(list)
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_200_mb_image_reaches_four_nodes_verified_and_peers_share_it() {
+    use rand::{RngCore, SeedableRng};
+    let cl = Cluster::start(4).await;
+    let mut data = vec![0u8; 200 << 20];
+    rand::rngs::StdRng::seed_from_u64(7).fill_bytes(&mut data);
+    let sha = upload(&cl, &data).await;
+    drop(data);
+    // Bad requests change nothing.
+    let r = cl.c.post(format!("{}/api/v1/images/{sha}/distribute", cl.hive.base)).json(&serde_json::json!({})).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    let r =
+        cl.c.post(format!("{}/api/v1/images/{sha}/distribute", cl.hive.base))
+            .bearer_auth(&cl.hive.token)
+            .json(&serde_json::json!({"replicas": 9}))
+            .send()
+            .await
+            .unwrap();
+    assert_eq!(r.status(), 400, "more replicas than nodes");
+    assert!(cl.get(&format!("/api/v1/images/{sha}/replicas")).await.as_array().unwrap().is_empty());
+
+    // One node first, from the origin only.
+    let first = distribute(&cl, &sha, serde_json::json!({"replicas": 1, "distributor": "SORT_UF"})).await;
+    assert_eq!(first.len(), 1);
+    let ready = until_replicas_ready(&cl, &sha, 1).await;
+    assert_eq!(ready[0]["report"]["verified"], true);
+    assert_eq!(ready[0]["report"]["remote_hits"], 0, "nobody else had it");
+    // Then the other three, with TWO_CHOICES: they fetch from the first node and each other.
+    let rest = distribute(&cl, &sha, serde_json::json!({"replicas": 3})).await;
+    assert_eq!(rest.len(), 3);
+    assert!(!rest.contains(&first[0]));
+    let all = until_replicas_ready(&cl, &sha, 4).await;
+    let pieces = all[0]["report"]["pieces"].as_u64().unwrap();
+    assert_eq!(pieces, 50, "200 MiB in 4 MiB pieces");
+    let mut remote = 0;
+    for r in all.iter().filter(|r| rest.contains(&r["node"].as_u64().unwrap())) {
+        let rep = &r["report"];
+        assert_eq!(rep["verified"], true, "{r}");
+        assert_eq!(rep["sha256"], sha.as_str());
+        assert_eq!(rep["remote_hits"].as_u64().unwrap() + rep["misses"].as_u64().unwrap(), pieces, "every piece read once: {rep}");
+        remote += rep["remote_hits"].as_u64().unwrap();
+    }
+    assert!(remote > 0, "peers served pieces: {all:?}");
+    // The node caches' counters reach the hive with the heartbeats.
+    cl.until_nodes("cache counters reported", |nodes| {
+        let served: u64 = nodes.iter().map(|n| n["cache"]["served"].as_u64().unwrap_or(0)).sum();
+        let hits: u64 = nodes.iter().map(|n| n["cache"]["remote_hit"].as_u64().unwrap_or(0)).sum();
+        served > 0 && hits == remote
+    })
+    .await;
+    // And the file on every node is the image.
+    for (_, dir, _) in &cl.agents {
+        use sha2::Digest;
+        let bytes = std::fs::read(dir.join("images").join(&sha)).expect("the image file on the node");
+        assert_eq!(hex::encode(sha2::Sha256::digest(&bytes)), sha);
+    }
 }

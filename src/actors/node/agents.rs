@@ -102,6 +102,12 @@ pub(super) fn attach(
     e.spec.disk_mb = hello.offer.disk_mb;
     e.spec.driver_name = hello.driver.clone();
     e.spec.address = hello.addresses.first().cloned().unwrap_or_default();
+    e.peer_url = hello.peer_url.clone();
+    // What the node says it holds replaces what the hive remembered of it.
+    e.images.retain(|_, r| matches!(r, super::Replica::Fetching));
+    for sha in &hello.images {
+        e.images.insert(sha.clone(), super::Replica::Ready { report: None });
+    }
     let link_gen = e.link_gen;
     tracing::info!(node.id = node, name = %hello.name, cores = hello.offer.cores, ram_mb = hello.offer.ram_mb, domains = hello.domains.len(), "agent connected");
     // Persist the offer (and the registering state) now; a failure shows at the next change.

@@ -10,7 +10,7 @@ use parking_lot::Mutex;
 
 use super::{NodeError, NodeView, Placed, RegistryMsg, VmKey};
 use crate::actors::Slot;
-use crate::agent::proto::{Hello, HostStats};
+use crate::agent::proto::{CacheCounters, Hello, HostStats};
 use crate::domain::NodeId;
 use crate::domain::node::{AdminState, NodeUse};
 use crate::drivers::remote::{AgentLink, RemoteHypervisor};
@@ -66,8 +66,12 @@ impl NodeRegistryHandle {
         self.slot.cast(RegistryMsg::Detach { node, link });
     }
 
-    pub fn heartbeat(&self, node: NodeId, stats: HostStats) {
-        self.slot.cast(RegistryMsg::Heartbeat { node, stats });
+    pub fn heartbeat(&self, node: NodeId, stats: HostStats, cache: Option<CacheCounters>) {
+        self.slot.cast(RegistryMsg::Heartbeat { node, stats, cache });
+    }
+
+    pub fn image(&self, node: NodeId, sha256: &str, replica: super::Replica) {
+        self.slot.cast(RegistryMsg::Image(node, sha256.to_string(), replica));
     }
 
     pub async fn place(&self, key: &VmKey, vm: &VmSpec) -> Result<Placed, NodeError> {

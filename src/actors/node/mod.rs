@@ -23,7 +23,7 @@ pub use self::agents::{FIRST_REMOTE_ID, remote_spec};
 pub use self::handle::NodeRegistryHandle;
 use super::supervisor::PoolDirectory;
 use super::{CallError, Clock, RestartLog, RestartPolicy};
-use crate::agent::proto::{Hello, HostStats};
+use crate::agent::proto::{CacheCounters, Fetched, Hello, HostStats};
 use crate::domain::node::{AdminState, NodeClass, NodeHealth, NodeState, NodeTimings, NodeUse};
 use crate::domain::{Millis, NodeId, VmId};
 use crate::drivers::remote::{AgentLink, RemoteHypervisor};
@@ -81,6 +81,26 @@ pub struct NodeView {
     pub heartbeat_age_ms: Option<u64>,
     /// Host context from the last heartbeat.
     pub host: Option<HostStats>,
+    /// Where the node serves image pieces to peers.
+    pub peer_url: Option<String>,
+    /// Images on the node: held (verified), being fetched, or failed.
+    pub images: BTreeMap<String, Replica>,
+    /// The node cache's read counters, from the last heartbeat.
+    pub cache: Option<CacheCounters>,
+}
+
+/// An image on a node.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(tag = "state", rename_all = "lowercase")]
+pub enum Replica {
+    Fetching,
+    /// Held and verified; `report` when the hive saw the fetch.
+    Ready {
+        report: Option<Fetched>,
+    },
+    Failed {
+        error: String,
+    },
 }
 
 /// A node the registry is given: its offer and its hypervisor.
@@ -157,6 +177,9 @@ struct Entry {
     link_gen: u64,
     ratings: (u64, u64),
     failures: VecDeque<Millis>,
+    peer_url: Option<String>,
+    images: BTreeMap<String, Replica>,
+    cache: Option<CacheCounters>,
 }
 
 impl Entry {
@@ -195,6 +218,9 @@ impl Entry {
             last_heartbeat_at: self.last_heartbeat,
             heartbeat_age_ms: self.last_heartbeat.map(|t| now.saturating_sub(t)),
             host: self.stats.clone(),
+            peer_url: self.peer_url.clone(),
+            images: self.images.clone(),
+            cache: self.cache,
         }
     }
 
@@ -240,7 +266,10 @@ pub enum RegistryMsg {
     Heartbeat {
         node: NodeId,
         stats: HostStats,
+        cache: Option<CacheCounters>,
     },
+    /// An image's state on a node changed (a fetch started, ended or failed).
+    Image(NodeId, String, Replica),
     Checked(NodeId, bool),
     /// Look at every node's deadlines (suspect, dead).
     Sweep,
@@ -344,10 +373,16 @@ impl Actor for NodeRegistry {
                 }
                 refresh(st, node, now);
             }
-            RegistryMsg::Heartbeat { node, stats } => {
+            RegistryMsg::Image(node, sha, replica) => {
+                if let Some(e) = st.nodes.get_mut(&node) {
+                    e.images.insert(sha, replica);
+                }
+            }
+            RegistryMsg::Heartbeat { node, stats, cache } => {
                 if let Some(e) = st.nodes.get_mut(&node) {
                     e.health.heartbeat(now);
                     e.stats = Some(stats);
+                    e.cache = cache.or(e.cache);
                     e.last_heartbeat = Some(now);
                 }
                 refresh(st, node, now);
@@ -473,6 +508,9 @@ async fn register(me: &ActorRef<RegistryMsg>, st: &mut RegistryState, spec: Node
         link_gen: 0,
         ratings: (0, 0),
         failures: VecDeque::new(),
+        peer_url: None,
+        images: BTreeMap::new(),
+        cache: None,
     };
     if let Some(old) = st.nodes.insert(id, entry).and_then(|e| e.actor) {
         old.stop(None);

@@ -1,0 +1,112 @@
+//! The agent's images: fetched as content-addressed pieces from peers and from the hive (the
+//! origin, with the node's credential), each piece checked against its hash, the whole file
+//! checked against the image's SHA-256, kept in `data_dir/images/<sha256>`; the pieces stay in
+//! the node's two-level LFU cache and are served to peers on the node's peer port, under the
+//! node's upload cap. Downloads share the node's download cap.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use secrecy::SecretString;
+
+use super::proto::{CacheCounters, Fetched, Peer};
+use crate::distribution::{Bandwidth, CacheConfig, Catalog, FetchConfig, Fetcher, HttpSource, PieceCache, PieceSource};
+use crate::drivers::DriverError;
+
+#[derive(Clone)]
+pub struct AgentImages {
+    fetcher: Fetcher,
+    catalog: Catalog,
+    cache: PieceCache,
+    up: Bandwidth,
+    dir: PathBuf,
+    hive: String,
+    credential: SecretString,
+    client: reqwest::Client,
+}
+
+/// Bandwidth caps of a node, bytes per second (`None`: unlimited).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Caps {
+    pub up: Option<u64>,
+    pub down: Option<u64>,
+}
+
+fn bandwidth(rate: Option<u64>) -> Result<Bandwidth, DriverError> {
+    match rate {
+        None => Ok(Bandwidth::unlimited()),
+        // A burst of a quarter second keeps the cap honest over short windows.
+        Some(r) => Bandwidth::new(r, (r / 4).max(256 * 1024)).map_err(|e| DriverError::Failed(e.to_string())),
+    }
+}
+
+impl AgentImages {
+    pub async fn open(data_dir: &std::path::Path, hive: &str, credential: &str, caps: Caps) -> Result<AgentImages, DriverError> {
+        let dir = data_dir.join("images");
+        std::fs::create_dir_all(&dir).map_err(|e| DriverError::Failed(format!("{}: {e}", dir.display())))?;
+        let cache = PieceCache::open(CacheConfig::new(data_dir.join("cache"))).await.map_err(|e| DriverError::Failed(e.to_string()))?;
+        let catalog = Catalog::default();
+        let (up, down) = (bandwidth(caps.up)?, bandwidth(caps.down)?);
+        let fetcher = Fetcher::new(cache.clone(), catalog.clone(), down, FetchConfig::default());
+        Ok(AgentImages {
+            fetcher,
+            catalog,
+            cache,
+            up,
+            dir,
+            hive: hive.trim_end_matches('/').to_string(),
+            credential: SecretString::from(credential.to_string()),
+            client: reqwest::Client::new(),
+        })
+    }
+
+    /// The peer-facing piece server (mounted by the agent on its peer port).
+    pub fn routes(&self) -> warp::filters::BoxedFilter<(warp::reply::Response,)> {
+        crate::distribution::server::routes(self.catalog.clone(), self.cache.clone(), self.up.clone())
+    }
+
+    /// Images held whole and verified.
+    pub fn held(&self) -> Vec<String> {
+        let Ok(rd) = std::fs::read_dir(&self.dir) else { return vec![] };
+        let mut v: Vec<String> = rd
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .filter(|n| n.len() == 64 && n.bytes().all(|b| b.is_ascii_hexdigit()))
+            .collect();
+        v.sort();
+        v
+    }
+
+    pub fn counters(&self) -> CacheCounters {
+        let c = self.cache.stats().snapshot();
+        CacheCounters { local_hit: c.local_hit, remote_hit: c.remote_hit, miss: c.miss, skip: c.skip, served: c.served }
+    }
+
+    pub async fn fetch(&self, sha256: &str, peers: Vec<Peer>) -> Result<Fetched, DriverError> {
+        if sha256.len() != 64 || !sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(DriverError::Failed(format!("{sha256:?} is not a SHA-256")));
+        }
+        let origin = HttpSource::origin(&self.hive, Some(self.credential.clone()), self.client.clone());
+        let manifest = origin.manifest(sha256).await.map_err(|e| DriverError::Failed(e.to_string()))?;
+        let peers: Vec<Arc<dyn PieceSource>> = peers
+            .into_iter()
+            .map(|p| Arc::new(HttpSource::peer(p.node.to_string(), p.url, self.client.clone())) as Arc<dyn PieceSource>)
+            .collect();
+        let target = self.dir.join(sha256);
+        let r = self.fetcher.fetch(manifest, Arc::new(origin), peers, &target).await.map_err(|e| DriverError::Failed(e.to_string()))?;
+        Ok(Fetched {
+            sha256: r.image,
+            size: r.size,
+            pieces: r.pieces,
+            elapsed_ms: r.elapsed_ms,
+            local_hits: r.local_hits,
+            remote_hits: r.remote_hits,
+            misses: r.misses,
+            peer_bytes: r.peer_bytes,
+            origin_bytes: r.origin_bytes,
+            bad_pieces: r.bad_pieces,
+            // `Fetcher::fetch` checks the assembled file against the manifest's SHA-256 before
+            // it renames it into place; an `Ok` is a verified file.
+            verified: true,
+        })
+    }
+}
