@@ -66,6 +66,9 @@ struct NodeArgs {
     /// Download cap for fetching pieces, MB/s (default: none).
     #[arg(long)]
     download_mbps: Option<u64>,
+    /// Ready copies to keep of every image the node holds.
+    #[arg(long, default_value_t = 2)]
+    stock: usize,
 }
 
 async fn node(a: NodeArgs) -> anyhow::Result<()> {
@@ -97,6 +100,7 @@ async fn node(a: NodeArgs) -> anyhow::Result<()> {
         data_dir: a.data_dir,
         backoff_max: std::time::Duration::from_secs(30),
         peer_listen: a.peer_listen,
+        stock: a.stock,
         caps: guaca_hive::agent::images::Caps { up: a.upload_mbps.map(|m| m * 1_000_000), down: a.download_mbps.map(|m| m * 1_000_000) },
     };
     tokio::select! {

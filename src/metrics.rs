@@ -41,6 +41,7 @@ fn describe() {
     describe_counter!("hive_store_commits_total", "Group commits to the store, by outcome");
     describe_histogram!("hive_store_commit_seconds", "Duration of one group commit");
     describe_histogram!("hive_store_commit_changes", "Row changes per group commit");
+    describe_counter!("hive_node_cache_reads_total", "Piece reads through the nodes' caches as their heartbeats report them, by outcome");
     describe_counter!("hive_cache_reads_total", "Piece reads through a node's cache, by outcome (local_hit, remote_hit, miss, skip)");
     describe_counter!("hive_piece_bytes_total", "Piece bytes moved between nodes and the origin, by direction (down, up)");
     describe_counter!("hive_bad_pieces_total", "Pieces discarded because they did not match their hash");
@@ -115,6 +116,22 @@ pub fn image_upload(outcome: &'static str) {
 
 pub fn image_piece_served(bytes: u64) {
     counter!("hive_image_piece_bytes_total").increment(bytes);
+}
+
+/// The hive's view of its nodes' caches: the growth of each node's read counters between two
+/// heartbeats, summed over nodes (a counter that went down means the agent restarted).
+pub fn cache_reads_reported(old: &crate::agent::proto::CacheCounters, new: &crate::agent::proto::CacheCounters) {
+    let delta = |o: u64, n: u64| if n >= o { n - o } else { n };
+    for (outcome, d) in [
+        ("local_hit", delta(old.local_hit, new.local_hit)),
+        ("remote_hit", delta(old.remote_hit, new.remote_hit)),
+        ("miss", delta(old.miss, new.miss)),
+        ("skip", delta(old.skip, new.skip)),
+    ] {
+        if d > 0 {
+            counter!("hive_node_cache_reads_total", "outcome" => outcome).increment(d);
+        }
+    }
 }
 
 /// `outcome`: local_hit, remote_hit, miss or skip.

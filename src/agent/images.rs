@@ -10,6 +10,7 @@ use std::sync::Arc;
 use secrecy::SecretString;
 
 use super::proto::{CacheCounters, Fetched, Peer};
+use super::stock::Stock;
 use crate::distribution::{Bandwidth, CacheConfig, Catalog, FetchConfig, Fetcher, HttpSource, PieceCache, PieceSource};
 use crate::drivers::DriverError;
 
@@ -23,6 +24,8 @@ pub struct AgentImages {
     hive: String,
     credential: SecretString,
     client: reqwest::Client,
+    stock: Stock,
+    disks: PathBuf,
 }
 
 /// Bandwidth caps of a node, bytes per second (`None`: unlimited).
@@ -41,14 +44,25 @@ fn bandwidth(rate: Option<u64>) -> Result<Bandwidth, DriverError> {
 }
 
 impl AgentImages {
-    pub async fn open(data_dir: &std::path::Path, hive: &str, credential: &str, caps: Caps) -> Result<AgentImages, DriverError> {
+    /// `stock`: ready copies to keep per image.
+    pub async fn open(
+        data_dir: &std::path::Path,
+        hive: &str,
+        credential: &str,
+        caps: Caps,
+        stock: usize,
+    ) -> Result<AgentImages, DriverError> {
         let dir = data_dir.join("images");
         std::fs::create_dir_all(&dir).map_err(|e| DriverError::Failed(format!("{}: {e}", dir.display())))?;
         let cache = PieceCache::open(CacheConfig::new(data_dir.join("cache"))).await.map_err(|e| DriverError::Failed(e.to_string()))?;
         let catalog = Catalog::default();
         let (up, down) = (bandwidth(caps.up)?, bandwidth(caps.down)?);
         let fetcher = Fetcher::new(cache.clone(), catalog.clone(), down, FetchConfig::default());
-        Ok(AgentImages {
+        let io = |e: std::io::Error| DriverError::Failed(e.to_string());
+        let stock = Stock::open(data_dir, stock).map_err(io)?;
+        let disks = data_dir.join("disks");
+        std::fs::create_dir_all(&disks).map_err(io)?;
+        let me = AgentImages {
             fetcher,
             catalog,
             cache,
@@ -57,7 +71,45 @@ impl AgentImages {
             hive: hive.trim_end_matches('/').to_string(),
             credential: SecretString::from(credential.to_string()),
             client: reqwest::Client::new(),
+            stock,
+            disks,
+        };
+        for sha in me.held() {
+            me.stock.replenish(&sha);
+        }
+        Ok(me)
+    }
+
+    /// Ready copies per held image.
+    pub fn stock(&self) -> std::collections::BTreeMap<String, u32> {
+        self.stock.counts()
+    }
+
+    /// A VM `domain` was created from `template`: if that is an image held here, give it its
+    /// disk from the ready stock (or a fresh copy when the stock ran dry).
+    pub async fn give_disk(&self, domain: &str, template: &str) -> Result<(), DriverError> {
+        if !self.held().iter().any(|h| h == template) {
+            return Ok(());
+        }
+        let (stock, sha, to, source) = (self.stock.clone(), template.to_string(), self.disk(domain), self.dir.join(template));
+        tokio::task::spawn_blocking(move || {
+            if !stock.take(&sha, &to)? {
+                std::fs::copy(&source, &to)?;
+            }
+            Ok::<_, std::io::Error>(())
         })
+        .await
+        .map_err(|e| DriverError::Failed(e.to_string()))?
+        .map_err(|e| DriverError::Failed(format!("disk for {domain}: {e}")))
+    }
+
+    /// The VM's disk goes with it.
+    pub fn drop_disk(&self, domain: &str) {
+        let _ = std::fs::remove_file(self.disk(domain));
+    }
+
+    fn disk(&self, domain: &str) -> PathBuf {
+        self.disks.join(format!("{domain}.img"))
     }
 
     /// The peer-facing piece server (mounted by the agent on its peer port).
@@ -93,6 +145,7 @@ impl AgentImages {
             .collect();
         let target = self.dir.join(sha256);
         let r = self.fetcher.fetch(manifest, Arc::new(origin), peers, &target).await.map_err(|e| DriverError::Failed(e.to_string()))?;
+        self.stock.replenish(sha256);
         Ok(Fetched {
             sha256: r.image,
             size: r.size,

@@ -6,10 +6,12 @@
 //! - `run`: credential, connection, heartbeats, commands, reconnection.
 //! - `host`: host context for heartbeats, read from the OS.
 //! - `images`: images fetched as pieces from peers and the hive, and served to peers.
+//! - `stock`: ready copies of each image, so a new VM gets its disk at once.
 
 pub mod host;
 pub mod images;
 pub mod proto;
 pub mod run;
+pub mod stock;
 
 pub use run::{AgentConfig, AgentError, run};

@@ -5,6 +5,8 @@
 //! with an id that the agent's `Reply` carries back. Unknown fields are ignored so that either
 //! side can be upgraded first.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 use crate::drivers::{Console, DriverError, GuestStatus, PrepareSpec, VmSpec, VmStats};
@@ -101,6 +103,9 @@ pub enum AgentMsg {
         stats: HostStats,
         #[serde(default)]
         cache: Option<CacheCounters>,
+        /// Ready copies per image (the node's stock).
+        #[serde(default)]
+        stock: BTreeMap<String, u32>,
     },
     Reply {
         id: u64,

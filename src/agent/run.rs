@@ -49,6 +49,8 @@ pub struct AgentConfig {
     /// Where the piece server listens for peers (port 0: any free port).
     pub peer_listen: std::net::SocketAddr,
     pub caps: Caps,
+    /// Ready copies to keep of every image the node holds.
+    pub stock: usize,
 }
 
 /// What the agent keeps between runs (`data_dir/credential.json`, mode 0600).
@@ -127,7 +129,9 @@ enum Ended {
 pub async fn run(cfg: AgentConfig, hv: Arc<dyn Hypervisor>) -> Result<(), AgentError> {
     std::fs::create_dir_all(&cfg.data_dir)?;
     let credential = credential(&cfg).await?;
-    let images = AgentImages::open(&cfg.data_dir, &cfg.hive, &credential, cfg.caps).await.map_err(|e| AgentError::Config(e.to_string()))?;
+    let images = AgentImages::open(&cfg.data_dir, &cfg.hive, &credential, cfg.caps, cfg.stock)
+        .await
+        .map_err(|e| AgentError::Config(e.to_string()))?;
     let listener = tokio::net::TcpListener::bind(cfg.peer_listen).await?;
     let port = listener.local_addr()?.port();
     let host_name = cfg.addresses.first().cloned().unwrap_or_else(|| "127.0.0.1".into());
@@ -205,7 +209,7 @@ async fn connect_once(
         tokio::select! {
             _ = beat.tick() => {
                 seq += 1;
-                let beat = AgentMsg::Heartbeat { seq, stats: host.sample(), cache: Some(images.counters()) };
+                let beat = AgentMsg::Heartbeat { seq, stats: host.sample(), cache: Some(images.counters()), stock: images.stock() };
                 if tx.send(text(&beat)).await.is_err() {
                     return Ok(Ended::AfterWelcome);
                 }
@@ -227,9 +231,23 @@ async fn connect_once(
                     });
                 }
                 Some(HiveMsg::Command { id, cmd }) => {
-                    let (hv, out) = (hv.clone(), out_tx.clone());
+                    let (hv, out, images) = (hv.clone(), out_tx.clone(), images.clone());
                     tokio::spawn(async move {
-                        let result = execute(hv.as_ref(), cmd).await;
+                        let (template, destroyed) = match &cmd {
+                            Command::Create { spec } => (Some(spec.template.clone()), None),
+                            Command::Destroy { domain } => (None, Some(domain.clone())),
+                            _ => (None, None),
+                        };
+                        let mut result = execute(hv.as_ref(), cmd).await;
+                        if let (Some(t), Ok(CmdOk::Domain(d))) = (&template, &result) {
+                            if let Err(e) = images.give_disk(d, t).await {
+                                let _ = hv.destroy(d).await;
+                                result = Err(e);
+                            }
+                        }
+                        if let (Some(d), Ok(_)) = (&destroyed, &result) {
+                            images.drop_disk(d);
+                        }
                         let _ = out.send(AgentMsg::Reply { id, result });
                     });
                 }

@@ -33,10 +33,11 @@ struct Hive {
     token: String,
 }
 
-fn start_hive(dir: &Path, listen: &str) -> Hive {
+fn start_hive(dir: &Path, listen: &str, env: &[(&str, String)]) -> Hive {
     let mut child = Command::new(hive_bin())
         .args(["up", "--listen", listen, "--sim-nodes", "0", "--data-dir"])
         .arg(dir)
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
         .env("HIVE_NODE__HEARTBEAT_MS", BEAT_MS.to_string())
         .env("HIVE_NODE__SUSPECT_AFTER_MS", (BEAT_MS * 3 / 2).to_string())
         .env("HIVE_NODE__DEAD_AFTER_MS", (BEAT_MS * 5 / 2).to_string())
@@ -83,8 +84,13 @@ struct Cluster {
 
 impl Cluster {
     async fn start(nodes: usize) -> Cluster {
+        Cluster::start_with(nodes, &[]).await
+    }
+
+    /// With extra `HIVE_…` settings for the hive.
+    async fn start_with(nodes: usize, env: &[(&str, String)]) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
-        let hive = start_hive(&dir.path().join("hive"), "127.0.0.1:0");
+        let hive = start_hive(&dir.path().join("hive"), "127.0.0.1:0", env);
         let c = reqwest::Client::new();
         let mut agents = Vec::new();
         for i in 1..=nodes {
@@ -224,7 +230,7 @@ async fn restarting_the_hive_under_live_agents_duplicates_nothing() {
     cl.hive.proc.child.kill().unwrap();
     cl.hive.proc.child.wait().unwrap();
     let dir = cl._dir.path().join("hive");
-    cl.hive = start_hive(&dir, &listen);
+    cl.hive = start_hive(&dir, &listen, &[]);
 
     let nodes = cl.until_nodes("agents re-registered", |n| n.len() == 2 && n.iter().all(|n| n["state"] == "ready")).await;
     assert_eq!(nodes.iter().map(|n| n["id"].clone()).collect::<Vec<_>>(), node_ids, "the same nodes, none added");
@@ -320,10 +326,18 @@ async fn until_replicas_ready(cl: &Cluster, sha: &str, n: usize) -> Vec<Value> {
 #[tokio::test]
 async fn a_200_mb_image_reaches_four_nodes_verified_and_peers_share_it() {
     use rand::{RngCore, SeedableRng};
-    let cl = Cluster::start(4).await;
+    use sha2::Digest;
     let mut data = vec![0u8; 200 << 20];
     rand::rngs::StdRng::seed_from_u64(7).fill_bytes(&mut data);
-    let sha = upload(&cl, &data).await;
+    let sha = hex::encode(sha2::Sha256::digest(&data));
+    // The pool's VMs are made from this image; no VM until the image is on the nodes.
+    let env = [
+        ("HIVE_VM__TEMPLATE", sha.clone()),
+        ("HIVE_POOL__DEFAULT_SIZE__MIN", "0".to_string()),
+        ("HIVE_POOL__DEFAULT_SIZE__MAX", "0".to_string()),
+    ];
+    let cl = Cluster::start_with(4, &env).await;
+    assert_eq!(upload(&cl, &data).await, sha);
     drop(data);
     // Bad requests change nothing.
     let r = cl.c.post(format!("{}/api/v1/images/{sha}/distribute", cl.hive.base)).json(&serde_json::json!({})).send().await.unwrap();
@@ -369,8 +383,23 @@ async fn a_200_mb_image_reaches_four_nodes_verified_and_peers_share_it() {
     .await;
     // And the file on every node is the image.
     for (_, dir, _) in &cl.agents {
-        use sha2::Digest;
         let bytes = std::fs::read(dir.join("images").join(&sha)).expect("the image file on the node");
         assert_eq!(hex::encode(sha2::Sha256::digest(&bytes)), sha);
     }
+    // Every node keeps a ready stock of two prepared copies.
+    let stock = |n: &Value| n["stock"][sha.as_str()].as_u64().unwrap_or(0);
+    cl.until_nodes("two ready copies on every node", |nodes| nodes.len() == 4 && nodes.iter().all(|n| stock(n) == 2)).await;
+    // A VM made from the image takes its disk from the stock, and the stock is topped up again.
+    cl.post("/set-pool-size/1/1/600000").await;
+    let vm = until("a VM from the image", Duration::from_secs(60), || async {
+        cl.vms().await.into_iter().find(|v| v.1 == "free" && v.2.is_some())
+    })
+    .await;
+    let node = vm.2.unwrap();
+    let name = cl.nodes().await.into_iter().find(|n| n["id"] == node).unwrap()["name"].as_str().unwrap().to_string();
+    let dir = &cl.agents.iter().find(|(n, _, _)| *n == name).unwrap().1;
+    let disks: Vec<_> = std::fs::read_dir(dir.join("disks")).unwrap().flatten().map(|e| e.path()).collect();
+    assert_eq!(disks.len(), 1, "one VM, one disk: {disks:?}");
+    assert_eq!(hex::encode(sha2::Sha256::digest(std::fs::read(&disks[0]).unwrap())), sha, "the disk is a copy of the image");
+    cl.until_nodes("the used copy replaced", |nodes| nodes.iter().find(|n| n["id"] == node).is_some_and(|n| stock(n) == 2)).await;
 }

@@ -66,8 +66,8 @@ impl NodeRegistryHandle {
         self.slot.cast(RegistryMsg::Detach { node, link });
     }
 
-    pub fn heartbeat(&self, node: NodeId, stats: HostStats, cache: Option<CacheCounters>) {
-        self.slot.cast(RegistryMsg::Heartbeat { node, stats, cache });
+    pub fn heartbeat(&self, node: NodeId, stats: HostStats, cache: Option<CacheCounters>, stock: std::collections::BTreeMap<String, u32>) {
+        self.slot.cast(RegistryMsg::Heartbeat { node, stats, cache, stock });
     }
 
     pub fn image(&self, node: NodeId, sha256: &str, replica: super::Replica) {

@@ -87,6 +87,8 @@ pub struct NodeView {
     pub images: BTreeMap<String, Replica>,
     /// The node cache's read counters, from the last heartbeat.
     pub cache: Option<CacheCounters>,
+    /// Ready copies per image (the node's stock), from the last heartbeat.
+    pub stock: BTreeMap<String, u32>,
 }
 
 /// An image on a node.
@@ -180,6 +182,7 @@ struct Entry {
     peer_url: Option<String>,
     images: BTreeMap<String, Replica>,
     cache: Option<CacheCounters>,
+    stock: BTreeMap<String, u32>,
 }
 
 impl Entry {
@@ -221,6 +224,7 @@ impl Entry {
             peer_url: self.peer_url.clone(),
             images: self.images.clone(),
             cache: self.cache,
+            stock: self.stock.clone(),
         }
     }
 
@@ -267,6 +271,7 @@ pub enum RegistryMsg {
         node: NodeId,
         stats: HostStats,
         cache: Option<CacheCounters>,
+        stock: BTreeMap<String, u32>,
     },
     /// An image's state on a node changed (a fetch started, ended or failed).
     Image(NodeId, String, Replica),
@@ -378,8 +383,12 @@ impl Actor for NodeRegistry {
                     e.images.insert(sha, replica);
                 }
             }
-            RegistryMsg::Heartbeat { node, stats, cache } => {
+            RegistryMsg::Heartbeat { node, stats, cache, stock } => {
                 if let Some(e) = st.nodes.get_mut(&node) {
+                    if let (Some(new), Some(old)) = (&cache, &e.cache) {
+                        metrics::cache_reads_reported(old, new);
+                    }
+                    e.stock = stock;
                     e.health.heartbeat(now);
                     e.stats = Some(stats);
                     e.cache = cache.or(e.cache);
@@ -511,6 +520,7 @@ async fn register(me: &ActorRef<RegistryMsg>, st: &mut RegistryState, spec: Node
         peer_url: None,
         images: BTreeMap::new(),
         cache: None,
+        stock: BTreeMap::new(),
     };
     if let Some(old) = st.nodes.insert(id, entry).and_then(|e| e.actor) {
         old.stop(None);
