@@ -154,14 +154,9 @@ impl From<&ImageRecord> for ImageView {
     }
 }
 
-/// What a node needs to fetch an image piece by piece and check each piece.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Manifest {
-    pub sha256: String,
-    pub size: u64,
-    pub piece_size: u64,
-    pub pieces: Vec<String>,
-}
+/// What a node needs to fetch an image piece by piece and check each piece: the same type the
+/// nodes' fetcher reads.
+pub use crate::distribution::Manifest;
 
 #[cfg(test)]
 mod tests {

@@ -4,14 +4,13 @@
 //! intervals, its VMs are replaced on other nodes and its user's handle reports the loss; a
 //! hive killed and restarted under live agents duplicates no node and no VM and keeps handles.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::support::{hive_bin, until};
+use crate::support::{hive_bin, spawn_hive, until};
 
 /// Heartbeat of these tests; suspect after 1.5 beats, dead after 2.5.
 const BEAT_MS: u64 = 400;
@@ -34,32 +33,21 @@ struct Hive {
 }
 
 fn start_hive(dir: &Path, listen: &str, env: &[(&str, String)]) -> Hive {
-    let mut child = Command::new(hive_bin())
-        .args(["up", "--listen", listen, "--sim-nodes", "0", "--data-dir"])
-        .arg(dir)
-        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
-        .env("HIVE_NODE__HEARTBEAT_MS", BEAT_MS.to_string())
-        .env("HIVE_NODE__SUSPECT_AFTER_MS", (BEAT_MS * 3 / 2).to_string())
-        .env("HIVE_NODE__DEAD_AFTER_MS", (BEAT_MS * 5 / 2).to_string())
-        .env("HIVE_NODE__PLACEMENT_TOP_K", "1")
-        .env("HIVE_POOL__PING_INTERVAL_MS", "200")
-        .env("HIVE_POOL__BOOT_BACKOFF_MAX_MS", "1000")
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start hive");
-    let out = BufReader::new(child.stdout.take().expect("stdout"));
-    let mut base = None;
-    for line in out.lines() {
-        let line = line.expect("stdout line");
-        if let Some(url) = line.strip_prefix("listening on ") {
-            base = Some(url.trim().to_string());
-            break;
-        }
-    }
+    let (child, base) = spawn_hive(
+        Command::new(hive_bin())
+            .args(["up", "--listen", listen, "--sim-nodes", "0", "--data-dir"])
+            .arg(dir)
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+            .env("HIVE_NODE__HEARTBEAT_MS", BEAT_MS.to_string())
+            .env("HIVE_NODE__SUSPECT_AFTER_MS", (BEAT_MS * 3 / 2).to_string())
+            .env("HIVE_NODE__DEAD_AFTER_MS", (BEAT_MS * 5 / 2).to_string())
+            .env("HIVE_NODE__PLACEMENT_TOP_K", "1")
+            .env("HIVE_POOL__PING_INTERVAL_MS", "200")
+            .env("HIVE_POOL__BOOT_BACKOFF_MAX_MS", "1000")
+            .env("RUST_LOG", "warn"),
+    );
     let token = std::fs::read_to_string(dir.join("admin-token")).expect("admin token").trim().to_string();
-    Hive { proc: Proc { child }, base: base.expect("hive printed where it listens"), token }
+    Hive { proc: Proc { child }, base, token }
 }
 
 fn start_agent(hive: &str, token: &str, dir: &Path, name: &str) -> Proc {

@@ -2,15 +2,14 @@
 //! given batches, handles and an assignment, killed with SIGKILL, and started again.
 //! Everything a client was told must still be there.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::Duration;
 
 use serde_json::{Value, json};
 
 use guaca_hive::drivers::{Hypervisor, VmSpec};
 
-use crate::support::{TestApp, hive_bin, in_state, until};
+use crate::support::{TestApp, hive_bin, in_state, spawn_hive, until};
 
 struct Proc {
     child: Child,
@@ -25,29 +24,18 @@ impl Drop for Proc {
 }
 
 fn start(dir: &std::path::Path) -> Proc {
-    let mut child = Command::new(hive_bin())
-        .args(["up", "--listen", "127.0.0.1:0", "--sim-nodes", "2", "--data-dir"])
-        .arg(dir)
-        .env("HIVE_SIM__TIMINGS__CREATE_MS", "1")
-        .env("HIVE_SIM__TIMINGS__BOOT_MS", "5")
-        .env("HIVE_SIM__TIMINGS__PREPARE_MS", "1")
-        .env("HIVE_SIM__TIMINGS__CLEANUP_MS", "1")
-        .env("HIVE_POOL__PING_INTERVAL_MS", "100")
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start hive");
-    let out = BufReader::new(child.stdout.take().expect("stdout"));
-    let mut base = None;
-    for line in out.lines() {
-        let line = line.expect("stdout line");
-        if let Some(url) = line.strip_prefix("listening on ") {
-            base = Some(url.trim().to_string());
-            break;
-        }
-    }
-    Proc { child, base: base.expect("hive printed where it listens") }
+    let (child, base) = spawn_hive(
+        Command::new(hive_bin())
+            .args(["up", "--listen", "127.0.0.1:0", "--sim-nodes", "2", "--data-dir"])
+            .arg(dir)
+            .env("HIVE_SIM__TIMINGS__CREATE_MS", "1")
+            .env("HIVE_SIM__TIMINGS__BOOT_MS", "5")
+            .env("HIVE_SIM__TIMINGS__PREPARE_MS", "1")
+            .env("HIVE_SIM__TIMINGS__CLEANUP_MS", "1")
+            .env("HIVE_POOL__PING_INTERVAL_MS", "100")
+            .env("RUST_LOG", "warn"),
+    );
+    Proc { child, base }
 }
 
 async fn post(c: &reqwest::Client, base: &str, path: &str) -> String {

@@ -200,3 +200,17 @@ pub fn batch(s: &Value, id: u64) -> Option<&Value> {
 pub fn hive_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_hive"))
 }
+
+/// Start the real `hive` binary as `cmd` describes (stdout piped) and answer the child with the
+/// base URL it printed ("listening on …").
+pub fn spawn_hive(cmd: &mut std::process::Command) -> (std::process::Child, String) {
+    use std::io::{BufRead, BufReader};
+    let mut child = cmd.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::inherit()).spawn().expect("start hive");
+    let out = BufReader::new(child.stdout.take().expect("stdout"));
+    for line in out.lines() {
+        if let Some(url) = line.expect("stdout line").strip_prefix("listening on ") {
+            return (child, url.trim().to_string());
+        }
+    }
+    panic!("the hive did not say where it listens");
+}
