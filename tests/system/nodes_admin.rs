@@ -368,3 +368,39 @@ async fn admin_state_ledger_and_ratings_survive_a_restart() {
     assert_eq!(s, StatusCode::CONFLICT, "still rated once");
     app.stop().await;
 }
+
+#[tokio::test]
+async fn a_session_is_warned_then_ended_at_the_maximum_duration() {
+    let app = TestApp::builder()
+        .configure(|c| {
+            c.pool.max_session_ms = 1_500;
+            c.pool.session_warning_ms = 1_000;
+        })
+        .spawn()
+        .await;
+    let (_b, h, vm) = app.held_vm(1, 2).await;
+    let events = until("the session warned, then ended", Duration::from_secs(10), || async {
+        let ev = app.json(&format!("/fetch-events/{h}/-1")).await;
+        let kinds: Vec<String> = ev["newEvents"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|e| e["data"]["type"].as_str().map(String::from))
+            .collect();
+        kinds.contains(&"max-duration".to_string()).then_some(ev)
+    })
+    .await;
+    let list = events["newEvents"].as_array().unwrap();
+    let at = |kind: &str| list.iter().position(|e| e["data"]["type"] == kind).unwrap_or_else(|| panic!("no {kind}: {events}"));
+    assert!(at("assigned") < at("session-ending") && at("session-ending") < at("max-duration"), "{events}");
+    let warning = &list[at("session-ending")];
+    let ends_at = warning["data"]["endsAt"].as_u64().expect("endsAt");
+    assert!(list[at("max-duration")]["time"].as_u64().unwrap() >= ends_at, "not ended before the announced time: {events}");
+    // The VM went back to the pool, and the session is in the ledger.
+    let (status, _) = send(&app, M::GET, &format!("/api/v1/pools/default/sessions/{h}"), None, false).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let node = node_of(&app, vm).await;
+    let r = app.json(&format!("/api/v1/nodes/{node}/rewards")).await;
+    assert_eq!(r["sessions"], 1, "{r}");
+}
