@@ -16,7 +16,10 @@ use crate::drivers::DriverError;
 
 #[derive(Clone)]
 pub struct AgentImages {
-    fetcher: Fetcher,
+    down: Bandwidth,
+    /// This node's id as its peers name it (ranks the nodes to share out the origin's work);
+    /// known once the hive has welcomed the agent.
+    node_id: Arc<parking_lot::Mutex<String>>,
     catalog: Catalog,
     cache: PieceCache,
     up: Bandwidth,
@@ -57,13 +60,13 @@ impl AgentImages {
         let cache = PieceCache::open(CacheConfig::new(data_dir.join("cache"))).await.map_err(|e| DriverError::Failed(e.to_string()))?;
         let catalog = Catalog::default();
         let (up, down) = (bandwidth(caps.up)?, bandwidth(caps.down)?);
-        let fetcher = Fetcher::new(cache.clone(), catalog.clone(), down, FetchConfig::default());
         let io = |e: std::io::Error| DriverError::Failed(e.to_string());
         let stock = Stock::open(data_dir, stock).map_err(io)?;
         let disks = data_dir.join("disks");
         std::fs::create_dir_all(&disks).map_err(io)?;
         let me = AgentImages {
-            fetcher,
+            down,
+            node_id: Arc::default(),
             catalog,
             cache,
             up,
@@ -77,7 +80,35 @@ impl AgentImages {
         for sha in me.held() {
             me.stock.replenish(&sha);
         }
+        // Idle pieces leave the cache after its TTL.
+        let cache = me.cache.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(std::time::Duration::from_secs(600));
+            loop {
+                every.tick().await;
+                cache.expire_idle().await;
+            }
+        });
+        // The catalog lives in memory: after a restart, learn the manifests of the images held
+        // again, so the pieces still in the cache are served to peers.
+        let me2 = me.clone();
+        tokio::spawn(async move {
+            let origin = HttpSource::origin(&me2.hive, Some(me2.credential.clone()), me2.client.clone());
+            for sha in me2.held() {
+                match origin.manifest(&sha).await {
+                    Ok(m) => {
+                        let _ = me2.catalog.add(m);
+                    }
+                    Err(e) => tracing::warn!(image = %sha, error = %e, "cannot learn the manifest of a held image"),
+                }
+            }
+        });
         Ok(me)
+    }
+
+    /// The hive welcomed this node as `id`.
+    pub fn set_node_id(&self, id: u64) {
+        *self.node_id.lock() = id.to_string();
     }
 
     /// Ready copies per held image.
@@ -144,7 +175,9 @@ impl AgentImages {
             .map(|p| Arc::new(HttpSource::peer(p.node.to_string(), p.url, self.client.clone())) as Arc<dyn PieceSource>)
             .collect();
         let target = self.dir.join(sha256);
-        let r = self.fetcher.fetch(manifest, Arc::new(origin), peers, &target).await.map_err(|e| DriverError::Failed(e.to_string()))?;
+        let cfg = FetchConfig { node_id: self.node_id.lock().clone(), ..FetchConfig::default() };
+        let fetcher = Fetcher::new(self.cache.clone(), self.catalog.clone(), self.down.clone(), cfg);
+        let r = fetcher.fetch(manifest, Arc::new(origin), peers, &target).await.map_err(|e| DriverError::Failed(e.to_string()))?;
         self.stock.replenish(sha256);
         Ok(Fetched {
             sha256: r.image,

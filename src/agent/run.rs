@@ -197,6 +197,7 @@ async fn connect_once(
     let heartbeat_ms = match read(&mut rx).await {
         Some(HiveMsg::Welcome { node_id, heartbeat_ms }) => {
             tracing::info!(node.id = node_id, heartbeat_ms, "connected to the hive");
+            images.set_node_id(node_id);
             heartbeat_ms
         }
         Some(HiveMsg::Refused { reason }) => return Err(AgentError::Refused(reason)),

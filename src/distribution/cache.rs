@@ -1,8 +1,8 @@
 //! A node's piece cache: two levels with their own byte budgets, memory and disk (a directory,
 //! one file per piece named by its hex SHA-256), shared by every image (pieces are keyed by hash
 //! only). Eviction is LFU, ties broken by least recently used; a disk piece used `promote_after`
-//! times is also kept in memory, if that evicts only pieces used less; pieces idle for `idle_ttl`
-//! go on `expire_idle`. Pieces longer than `max_item_bytes`, or read with `no_cache`, are not kept.
+//! times is also kept in memory, if that evicts only pieces used no more often; pieces idle for
+//! `idle_ttl` go on `expire_idle`. Pieces longer than `max_item_bytes`, or read with `no_cache`, are not kept.
 //!
 //! Guarantees: nothing enters the cache unless its bytes hash to its name (`read_through` and
 //! `insert` check; `open` re-checks what it finds on disk). Every successful `read_through` counts

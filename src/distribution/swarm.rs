@@ -33,7 +33,8 @@ pub struct FetchConfig {
     /// Pieces in flight from one peer.
     pub per_peer: usize,
     /// Fresh pieces in flight from the origin while there are peers, on top of `concurrency`
-    /// (without peers the origin gets `concurrency`).
+    /// (without peers the origin gets `concurrency`). 0 makes this node a pure leecher that uses
+    /// the origin only as the last resort, e.g. when the hive names a few seeders per image.
     pub origin_concurrency: usize,
     /// How often each peer's have list is asked for (until it holds everything).
     pub have_interval: Duration,
@@ -286,10 +287,11 @@ fn count(report: &mut FetchReport, m: &Manifest, index: usize, from: From, outco
         Outcome::Miss => report.misses += 1,
         Outcome::Skip => report.skips += 1,
     }
-    match from {
-        From::Peer(_) => report.peer_bytes += len,
-        From::Origin => report.origin_bytes += len,
-        From::Local => {}
+    // A piece asked of a source may still have been found here (another fetch kept it meanwhile).
+    match (from, outcome) {
+        (_, Outcome::LocalHit) | (From::Local, _) => {}
+        (From::Peer(_), _) => report.peer_bytes += len,
+        (From::Origin, _) => report.origin_bytes += len,
     }
 }
 
