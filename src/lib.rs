@@ -1,3 +1,19 @@
+//! guaca-hive: warm pools of virtual desktops and VMs on hosts that lend their capacity.
+//!
+//! A map of the crate (see DESIGN.md for the whole):
+//! - `domain`: plain types and pure state machines: the vmcloud pool rules (`domain::pool`),
+//!   node life (`domain::node`), ball-into-bin distributors (`domain::placement`). No I/O.
+//! - `actors`: the supervised actor tree (ractor): `HiveSupervisor` → `NodeRegistry` →
+//!   `NodeActor`s, and `PoolManager`s → `SessionActor`s; each with a cloneable handle.
+//! - `drivers`: the `Hypervisor` trait; `sim` (a simulator) and `remote` (a node's agent).
+//! - `agent`: `hive node`, the agent on a host: protocol, connection, host stats, images, stock.
+//! - `distribution`: content-addressed pieces between nodes, the node cache, bandwidth caps.
+//! - `images`: image uploads, blobs and manifests on the hive, and distributing replicas.
+//! - `membership`: join tokens and node credentials, the rewards ledger, ratings.
+//! - `store`: the `Store` trait and SQLite (all SQL lives here); `StoreWriter` group commits.
+//! - `http`: thin warp routes: vmcloud, `/api/v1`, images, nodes, the agents' WebSocket, ops.
+//! - `app`: `Hive`, the control plane assembled from `config`; `ctl`: `hive ctl`; `metrics`.
+
 pub mod actors;
 pub mod agent;
 pub mod app;

@@ -369,6 +369,14 @@ async fn a_200_mb_image_reaches_four_nodes_verified_and_peers_share_it() {
         served > 0 && hits == remote
     })
     .await;
+    // The hive's metrics count the nodes' cache reads too.
+    let metrics = cl.c.get(format!("{}/metrics", cl.hive.base)).send().await.unwrap().text().await.unwrap();
+    let remote_hits: f64 = metrics
+        .lines()
+        .find(|l| l.starts_with("hive_node_cache_reads_total{outcome=\"remote_hit\"}"))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no remote_hit series in /metrics"));
+    assert_eq!(remote_hits as u64, remote, "metrics agree with the fetch reports");
     // And the file on every node is the image.
     for (_, dir, _) in &cl.agents {
         let bytes = std::fs::read(dir.join("images").join(&sha)).expect("the image file on the node");
