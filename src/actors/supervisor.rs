@@ -11,9 +11,9 @@ use parking_lot::RwLock;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 
 use super::node::{NodeRegistry, NodeRegistryHandle, NodeSpec, RegistryArgs, remote_spec};
-use crate::domain::node::NodeTimings;
 use super::pool::{PoolArgs, PoolError, PoolHandle, PoolManager, PoolMsg};
 use super::{Clock, RestartLog, RestartPolicy, Slot};
+use crate::domain::node::NodeTimings;
 use crate::domain::pool::{PoolRules, PoolSize};
 use crate::drivers::VmSpec;
 use crate::metrics;
@@ -214,6 +214,7 @@ async fn start_registry(me: &ActorRef<HiveMsg>, args: &SupervisorArgs) -> Result
         for (node, count, stars) in rows.rating_totals().await? {
             args.nodes.rating_totals(node, count, stars);
         }
+        args.nodes.high_water(rows.max_issued_node_id().await?);
     }
     Ok(())
 }

@@ -41,7 +41,9 @@ impl Stock {
                 }
             }
         }
-        st.next = st.ready.values().map(|v| v.len() as u64).sum::<u64>() + 1;
+        // New copies are numbered above every file left from earlier runs.
+        let stem = |p: &PathBuf| p.file_stem().and_then(|s| s.to_str()).and_then(|s| s.parse::<u64>().ok()).unwrap_or(0);
+        st.next = st.ready.values().flatten().map(stem).max().unwrap_or(0);
         Ok(Stock { dir, images: data_dir.join("images"), target, state: Arc::new(Mutex::new(st)) })
     }
 
@@ -57,10 +59,19 @@ impl Stock {
         }
         let (me, sha) = (self.clone(), sha.to_string());
         tokio::task::spawn_blocking(move || {
-            let r = me.fill(&sha);
-            me.state.lock().preparing.remove(&sha);
-            if let Err(e) = r {
-                tracing::warn!(image = %sha, error = %e, "cannot prepare ready copies");
+            loop {
+                let r = me.fill(&sha);
+                let mut st = me.state.lock();
+                // A take that raced the end of the fill found `preparing` still set: go on.
+                if r.is_ok() && st.ready.get(&sha).map_or(0, Vec::len) < me.target {
+                    continue;
+                }
+                st.preparing.remove(&sha);
+                drop(st);
+                if let Err(e) = r {
+                    tracing::warn!(image = %sha, error = %e, "cannot prepare ready copies");
+                }
+                break;
             }
         });
     }
@@ -91,13 +102,8 @@ impl Stock {
     /// none was ready (the caller copies the image itself).
     pub fn take(&self, sha: &str, to: &Path) -> std::io::Result<bool> {
         let copy = self.state.lock().ready.get_mut(sha).and_then(Vec::pop);
-        let used = match copy {
-            Some(p) => {
-                std::fs::rename(&p, to)?;
-                true
-            }
-            None => false,
-        };
+        // A copy that cannot be moved (gone under us) is no copy: the caller copies the image.
+        let used = copy.is_some_and(|p| std::fs::rename(&p, to).is_ok());
         self.replenish(sha);
         Ok(used)
     }
@@ -128,6 +134,12 @@ mod tests {
         assert!(s.take(&sha, &disk).unwrap());
         assert_eq!(std::fs::read(&disk).unwrap(), b"disk image bytes");
         until_count(&s, &sha, 2).await;
+        // A restart numbers new copies above the files it finds (no copy overwrites another).
+        let restarted = Stock::open(dir.path(), 2).unwrap();
+        assert!(restarted.take(&sha, &dir.path().join("vm2.img")).unwrap());
+        until_count(&restarted, &sha, 2).await;
+        let files = std::fs::read_dir(dir.path().join("stock").join(&sha)).unwrap().count();
+        assert_eq!(files, 2, "two distinct copies on disk");
         // A restart finds the complete copies and forgets half-written ones.
         std::fs::write(dir.path().join("stock").join(&sha).join("99.part"), b"half").unwrap();
         let again = Stock::open(dir.path(), 2).unwrap();

@@ -14,6 +14,7 @@ use warp::reply::Response;
 
 use super::error::ApiError;
 use super::{auth, with_hive};
+use crate::actors::node::NodeError;
 use crate::agent::proto::{AgentMsg, HiveMsg};
 use crate::app::Hive;
 use crate::domain::NodeId;
@@ -54,7 +55,9 @@ async fn connection(hive: Hive, node: NodeId, ws: WebSocket) {
         _ => None,
     };
     let Some(AgentMsg::Hello(hello)) = hello else {
-        let _ = tx.send(frame(&HiveMsg::Refused { reason: "the first frame must be a hello".into() })).await;
+        // No hello in time (a slow host, a lost frame): close without refusing, so the agent
+        // backs off and tries again.
+        tracing::warn!(node.id = node, "no hello from the agent; closing");
         let _ = tx.close().await;
         return;
     };
@@ -65,9 +68,16 @@ async fn connection(hive: Hive, node: NodeId, ws: WebSocket) {
             link.send(HiveMsg::Welcome { node_id: node, heartbeat_ms });
         }
         Err(e) => {
-            tracing::warn!(node.id = node, error = %e, "agent refused");
-            let _ = tx.send(frame(&HiveMsg::Refused { reason: e.to_string() })).await;
+            // Refuse for good only what retrying cannot mend; a busy or restarting registry
+            // just closes the socket (and undoes the attach if it happened after all).
+            if matches!(e, NodeError::Invalid { .. } | NodeError::UnknownNode(_)) {
+                tracing::warn!(node.id = node, error = %e, "agent refused");
+                let _ = tx.send(frame(&HiveMsg::Refused { reason: e.to_string() })).await;
+            } else {
+                tracing::warn!(node.id = node, error = %e, "cannot attach the agent now; closing");
+            }
             let _ = tx.close().await;
+            registry.detach(node, link);
             return;
         }
     }

@@ -34,6 +34,9 @@ pub trait NodeStore: Send + Sync {
     async fn last_served(&self, pool: &str, handle: u64) -> Result<Option<ServedRecord>, StoreError>;
     /// Record a rating; false if this session was rated already.
     async fn add_rating(&self, r: &Rating) -> Result<bool, StoreError>;
+    /// The highest node id ever handed out, removed nodes included (0 if none): ids are never
+    /// reused, so a new node never inherits an old one's ledger or ratings.
+    async fn max_issued_node_id(&self) -> Result<u64, StoreError>;
     /// Per node: (node id, number of ratings, sum of stars).
     async fn rating_totals(&self) -> Result<Vec<(u64, u64, u64)>, StoreError>;
 }
@@ -101,6 +104,16 @@ impl NodeStore for SqliteStore {
         Ok(done.rows_affected() == 1)
     }
 
+    async fn max_issued_node_id(&self) -> Result<u64, StoreError> {
+        let row = sqlx::query(
+            "SELECT MAX(m) AS m FROM (SELECT MAX(used_by) AS m FROM join_tokens UNION ALL SELECT MAX(id) FROM nodes
+             UNION ALL SELECT MAX(node_id) FROM served UNION ALL SELECT MAX(node_id) FROM ratings)",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(row.try_get::<Option<i64>, _>("m")?.unwrap_or(0) as u64)
+    }
+
     async fn rating_totals(&self) -> Result<Vec<(u64, u64, u64)>, StoreError> {
         let rows = sqlx::query("SELECT node_id, COUNT(*) AS n, SUM(stars) AS s FROM ratings GROUP BY node_id ORDER BY node_id")
             .fetch_all(&self.pool)
@@ -145,6 +158,7 @@ mod tests {
         s.join_token_used_by("aa", 10_001).await.unwrap();
         assert!(!s.consume_join_token("aa", 11).await.unwrap(), "used");
         assert!(!s.consume_join_token("bb", 1_000).await.unwrap(), "expired");
+        assert_eq!(s.max_issued_node_id().await.unwrap(), 10_001, "the id a used token became counts, node row or not");
     }
 
     #[tokio::test]

@@ -267,6 +267,21 @@ async fn bad_tokens_and_credentials_are_refused() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("did not accept"), "{err}");
     assert_eq!(cl.nodes().await.len(), 1, "only the node that joined with the token");
+    // A removed node's id is never handed out again (its ledger and ratings stay its own).
+    let r = cl.c.delete(url("/api/v1/nodes/10001")).bearer_auth(&cl.hive.token).send().await.unwrap();
+    assert_eq!(r.status(), 204);
+    let jt = cl.c.post(url("/api/v1/nodes/join-tokens")).bearer_auth(&cl.hive.token).send().await.unwrap().json::<Value>().await.unwrap();
+    let next =
+        cl.c.post(url("/api/v1/nodes/register"))
+            .bearer_auth(jt["token"].as_str().unwrap())
+            .json(&serde_json::json!({"name": "z"}))
+            .send()
+            .await
+            .unwrap()
+            .json::<Value>()
+            .await
+            .unwrap();
+    assert_eq!(next["node_id"], 10_002, "{next}");
 }
 
 /// Upload `data` as an image through the API, in chunks; answers its SHA-256.

@@ -212,5 +212,7 @@ pub fn spawn_hive(cmd: &mut std::process::Command) -> (std::process::Child, Stri
             return (child, url.trim().to_string());
         }
     }
+    let _ = child.kill();
+    let _ = child.wait();
     panic!("the hive did not say where it listens");
 }

@@ -48,7 +48,8 @@ pub(super) async fn create(
     reply: RpcReplyPort<Result<NodeId, NodeError>>,
     now: Millis,
 ) -> Result<(), ActorProcessingErr> {
-    let id = st.nodes.keys().next_back().copied().unwrap_or(0).max(FIRST_REMOTE_ID) + 1;
+    let id = st.nodes.keys().next_back().copied().unwrap_or(0).max(st.high_water).max(FIRST_REMOTE_ID) + 1;
+    st.high_water = id;
     let remote = st.args.handle.remote(id);
     let spec = NodeSpec {
         id,
@@ -150,10 +151,7 @@ async fn reconcile(
             }
         }
     }
-    for p in pools.list() {
-        p.domains_reported(node, held.clone());
-    }
-    let _ = me.cast(RegistryMsg::Reconciled { node, link_gen });
+    let _ = me.cast(RegistryMsg::Reconciled { node, link_gen, held });
 }
 
 pub(super) fn set_admin(

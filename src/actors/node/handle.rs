@@ -91,6 +91,10 @@ impl NodeRegistryHandle {
         self.slot.cast(RegistryMsg::Failed(node));
     }
 
+    pub fn high_water(&self, id: NodeId) {
+        self.slot.cast(RegistryMsg::HighWater(id));
+    }
+
     pub fn rated(&self, node: NodeId, stars: u8) {
         self.slot.cast(RegistryMsg::Rated(node, stars));
     }

@@ -262,10 +262,11 @@ pub enum RegistryMsg {
         node: NodeId,
         link: Arc<AgentLink>,
     },
-    /// The agent's domains were compared with the pools' records.
+    /// The agent's domains were compared with the pools' records; `held` is what it reported.
     Reconciled {
         node: NodeId,
         link_gen: u64,
+        held: std::collections::BTreeSet<String>,
     },
     Heartbeat {
         node: NodeId,
@@ -305,6 +306,8 @@ pub enum RegistryMsg {
     },
     /// Nodes whose VMs a pool may not use as usual.
     Uses(RpcReplyPort<Vec<(NodeId, NodeUse)>>),
+    /// The highest node id ever issued (from the store): new ids go above it.
+    HighWater(NodeId),
 }
 
 pub struct NodeRegistry;
@@ -323,6 +326,8 @@ pub struct RegistryArgs {
 
 pub struct RegistryState {
     nodes: BTreeMap<NodeId, Entry>,
+    /// Highest node id ever issued; never goes down, so removed nodes' ids are not reused.
+    high_water: NodeId,
     restarts: RestartLog,
     args: RegistryArgs,
 }
@@ -335,7 +340,7 @@ impl Actor for NodeRegistry {
     async fn pre_start(&self, me: ActorRef<RegistryMsg>, args: RegistryArgs) -> Result<RegistryState, ActorProcessingErr> {
         let sweep = Duration::from_millis((args.timings.heartbeat_ms / 4).max(10));
         me.send_interval(sweep, || RegistryMsg::Sweep);
-        Ok(RegistryState { nodes: BTreeMap::new(), restarts: RestartLog::default(), args })
+        Ok(RegistryState { nodes: BTreeMap::new(), high_water: 0, restarts: RestartLog::default(), args })
     }
 
     async fn handle(&self, me: ActorRef<RegistryMsg>, msg: RegistryMsg, st: &mut RegistryState) -> Result<(), ActorProcessingErr> {
@@ -372,9 +377,14 @@ impl Actor for NodeRegistry {
                 }
                 refresh(st, node, now);
             }
-            RegistryMsg::Reconciled { node, link_gen } => {
+            RegistryMsg::Reconciled { node, link_gen, held } => {
+                // Only the newest connection's report counts: an older one, finishing late,
+                // would take VMs placed since for lost.
                 if let Some(e) = st.nodes.get_mut(&node).filter(|e| e.link_gen == link_gen) {
                     e.health.reconciled(now);
+                    for p in st.args.pools.list() {
+                        p.domains_reported(node, held.clone());
+                    }
                 }
                 refresh(st, node, now);
             }
@@ -461,6 +471,7 @@ impl Actor for NodeRegistry {
             }
             RegistryMsg::SetAdmin { node, admin, reply } => agents::set_admin(st, node, admin, reply, now),
             RegistryMsg::Remove { node, force, reply } => agents::remove(st, node, force, reply, now),
+            RegistryMsg::HighWater(id) => st.high_water = st.high_water.max(id),
             RegistryMsg::Uses(reply) => {
                 let uses = st.nodes.values().map(|e| (e.spec.id, e.state.vm_policy())).filter(|(_, u)| *u != NodeUse::Normal).collect();
                 let _ = reply.send(uses);
