@@ -270,7 +270,10 @@ impl HiveConfig {
             ));
         }
         if p.max_session_ms > 0 && p.session_warning_ms >= p.max_session_ms {
-            bad.push(format!("pool.session_warning_ms ({}) must be below pool.max_session_ms ({})", p.session_warning_ms, p.max_session_ms));
+            bad.push(format!(
+                "pool.session_warning_ms ({}) must be below pool.max_session_ms ({})",
+                p.session_warning_ms, p.max_session_ms
+            ));
         }
         if self.vm.cores == 0 || self.vm.ram_mb == 0 {
             bad.push("vm.cores and vm.ram_mb must be above 0".into());

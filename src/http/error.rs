@@ -107,7 +107,9 @@ impl From<NodeError> for ApiError {
         match e {
             NodeError::UnknownNode(_) => ApiError::NotFound { code: "unknown_node", message: e.to_string() },
             NodeError::NoCapacity { .. } | NodeError::Store(_) => ApiError::Unavailable(e.to_string()),
-            NodeError::BadCredential => ApiError::Refused { status: StatusCode::UNAUTHORIZED, code: "bad_credential", message: e.to_string() },
+            NodeError::BadCredential => {
+                ApiError::Refused { status: StatusCode::UNAUTHORIZED, code: "bad_credential", message: e.to_string() }
+            }
             NodeError::Busy(..) => ApiError::Conflict(e.to_string()),
             NodeError::Invalid { field, reason } => ApiError::BadParam { field, reason },
             NodeError::Call(c) => c.into(),

@@ -10,10 +10,10 @@
 //! tokens, joining, node admin, rewards, ratings), `agent.rs` (the agents' WebSocket),
 //! `ops.rs` (`/healthz`, `/readyz`, `/metrics`, the monitor page and its live stream).
 
+mod agent;
 mod api;
 mod auth;
 mod error;
-mod agent;
 mod images;
 mod nodes;
 mod ops;

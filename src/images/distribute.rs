@@ -53,7 +53,12 @@ fn invalid(field: &'static str, reason: impl Into<String>) -> ImageError {
 /// try again.)
 fn candidate(n: &NodeView, sha: &str, size_mb: u64) -> bool {
     let has = matches!(n.images.get(sha), Some(Replica::Ready { .. } | Replica::Fetching));
-    n.remote && n.connected && n.state == NodeState::Ready && n.peer_url.is_some() && !has && n.disk_mb.saturating_sub(n.used_disk_mb) >= size_mb
+    n.remote
+        && n.connected
+        && n.state == NodeState::Ready
+        && n.peer_url.is_some()
+        && !has
+        && n.disk_mb.saturating_sub(n.used_disk_mb) >= size_mb
 }
 
 impl Hive {

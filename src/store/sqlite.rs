@@ -182,16 +182,16 @@ pub(super) async fn apply_one(conn: &mut SqliteConnection, change: &Change) -> R
         Change::HandleDeleted { pool, id } => sqlx::query("DELETE FROM handles WHERE pool = ? AND id = ?").bind(pool).bind(int(*id)),
         Change::Node(n) => return rows::upsert_nodes(conn, &[n]).await,
         Change::NodeDeleted { id } => sqlx::query("DELETE FROM nodes WHERE id = ?").bind(int(*id)),
-        Change::Served(r) => sqlx::query(
-            "INSERT INTO served (node_id, pool, handle, vm, cores, started_at, ended_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-        )
-        .bind(int(r.node_id))
-        .bind(r.pool.as_str())
-        .bind(int(r.handle))
-        .bind(int(r.vm))
-        .bind(i64::from(r.cores))
-        .bind(int(r.started_at))
-        .bind(int(r.ended_at)),
+        Change::Served(r) => {
+            sqlx::query("INSERT INTO served (node_id, pool, handle, vm, cores, started_at, ended_at) VALUES (?, ?, ?, ?, ?, ?, ?)")
+                .bind(int(r.node_id))
+                .bind(r.pool.as_str())
+                .bind(int(r.handle))
+                .bind(int(r.vm))
+                .bind(i64::from(r.cores))
+                .bind(int(r.started_at))
+                .bind(int(r.ended_at))
+        }
     };
     query.execute(&mut *conn).await?;
     Ok(())

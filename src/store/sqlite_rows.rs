@@ -56,9 +56,7 @@ impl<'a> Plan<'a> {
                 | Change::BatchDeleted { .. }
                 | Change::HandleDeleted { .. }
                 | Change::NodeDeleted { .. }
-                | Change::Served(_) => {
-                    plan.deletes.push(c)
-                }
+                | Change::Served(_) => plan.deletes.push(c),
             }
         }
         Some(plan)
@@ -188,7 +186,9 @@ pub(super) async fn upsert_handles(conn: &mut SqliteConnection, rows: &[(&str, &
 
 pub(super) async fn upsert_nodes(conn: &mut SqliteConnection, rows: &[&NodeRecord]) -> Result<(), StoreError> {
     for chunk in rows.chunks(CHUNK) {
-        let mut qb = QueryBuilder::new("INSERT INTO nodes (id, name, driver, cores, ram_mb, disk_mb, address, state, created_at, remote, class, admin, credential_hash) ");
+        let mut qb = QueryBuilder::new(
+            "INSERT INTO nodes (id, name, driver, cores, ram_mb, disk_mb, address, state, created_at, remote, class, admin, credential_hash) ",
+        );
         qb.push_values(chunk, |mut b, n| {
             b.push_bind(int(n.id))
                 .push_bind(n.name.as_str())

@@ -63,6 +63,12 @@ fn start_agent(hive: &str, token: &str, dir: &Path, name: &str) -> Proc {
     Proc { child }
 }
 
+/// A fresh join token from the hive's admin.
+async fn join_token(c: &reqwest::Client, hive: &Hive) -> String {
+    let r = c.post(format!("{}/api/v1/nodes/join-tokens", hive.base)).bearer_auth(&hive.token).send().await.unwrap();
+    r.json::<Value>().await.unwrap()["token"].as_str().expect("a join token").to_string()
+}
+
 struct Cluster {
     hive: Hive,
     agents: Vec<(String, PathBuf, Proc)>,
@@ -82,18 +88,10 @@ impl Cluster {
         let c = reqwest::Client::new();
         let mut agents = Vec::new();
         for i in 1..=nodes {
-            let jt = c
-                .post(format!("{}/api/v1/nodes/join-tokens", hive.base))
-                .bearer_auth(&hive.token)
-                .send()
-                .await
-                .unwrap()
-                .json::<Value>()
-                .await
-                .unwrap();
+            let jt = join_token(&c, &hive).await;
             let name = format!("agent-{i}");
             let adir = dir.path().join(&name);
-            agents.push((name.clone(), adir.clone(), start_agent(&hive.base, jt["token"].as_str().unwrap(), &adir, &name)));
+            agents.push((name.clone(), adir.clone(), start_agent(&hive.base, &jt, &adir, &name)));
         }
         let cl = Cluster { hive, agents, c, _dir: dir };
         cl.until_nodes("all nodes ready", |n| n.len() == nodes && n.iter().all(|n| n["state"] == "ready")).await;
@@ -243,16 +241,15 @@ async fn bad_tokens_and_credentials_are_refused() {
     assert_eq!(r.status(), 401);
     assert_eq!(r.json::<Value>().await.unwrap()["error"]["code"], "bad_join_token");
     // A token joins once.
-    let jt = cl.c.post(url("/api/v1/nodes/join-tokens")).bearer_auth(&cl.hive.token).send().await.unwrap().json::<Value>().await.unwrap();
-    let jt = jt["token"].as_str().unwrap();
-    let first = cl.c.post(url("/api/v1/nodes/register")).bearer_auth(jt).json(&serde_json::json!({"name": "x"})).send().await.unwrap();
+    let jt = join_token(&cl.c, &cl.hive).await;
+    let first = cl.c.post(url("/api/v1/nodes/register")).bearer_auth(&jt).json(&serde_json::json!({"name": "x"})).send().await.unwrap();
     assert_eq!(first.status(), 201);
     let credential = first.json::<Value>().await.unwrap()["credential"].as_str().unwrap().to_string();
     // A node's credential opens the origin's manifests and pieces (here: auth passes, no image).
     let manifest = url(&format!("/api/v1/images/{}/manifest", "a".repeat(64)));
     assert_eq!(cl.c.get(&manifest).bearer_auth(&credential).send().await.unwrap().status(), 404);
     assert_eq!(cl.c.get(&manifest).bearer_auth(format!("hnc_{}", "y".repeat(40))).send().await.unwrap().status(), 401);
-    let again = cl.c.post(url("/api/v1/nodes/register")).bearer_auth(jt).json(&serde_json::json!({"name": "y"})).send().await.unwrap();
+    let again = cl.c.post(url("/api/v1/nodes/register")).bearer_auth(&jt).json(&serde_json::json!({"name": "y"})).send().await.unwrap();
     assert_eq!(again.status(), 401);
     // An agent with a made-up credential is refused and stops, saying why.
     let dir = tempfile::tempdir().unwrap();
@@ -270,10 +267,10 @@ async fn bad_tokens_and_credentials_are_refused() {
     // A removed node's id is never handed out again (its ledger and ratings stay its own).
     let r = cl.c.delete(url("/api/v1/nodes/10001")).bearer_auth(&cl.hive.token).send().await.unwrap();
     assert_eq!(r.status(), 204);
-    let jt = cl.c.post(url("/api/v1/nodes/join-tokens")).bearer_auth(&cl.hive.token).send().await.unwrap().json::<Value>().await.unwrap();
+    let jt = join_token(&cl.c, &cl.hive).await;
     let next =
         cl.c.post(url("/api/v1/nodes/register"))
-            .bearer_auth(jt["token"].as_str().unwrap())
+            .bearer_auth(&jt)
             .json(&serde_json::json!({"name": "z"}))
             .send()
             .await

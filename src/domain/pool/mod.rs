@@ -20,8 +20,8 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
-use super::vm::{Placement, Vm, VmState};
 use super::node::NodeUse;
+use super::vm::{Placement, Vm, VmState};
 use super::{BatchId, HandleId, Millis, NodeId, VmId};
 
 /// `{min, max, linger}`; `linger` in milliseconds.
@@ -69,7 +69,11 @@ pub struct PoolRules {
 
 impl Default for PoolRules {
     fn default() -> Self {
-        PoolRules { timeouts: Timeouts::default(), max_cap: 30, max_batch: 1000, boot_backoff: 500,
+        PoolRules {
+            timeouts: Timeouts::default(),
+            max_cap: 30,
+            max_batch: 1000,
+            boot_backoff: 500,
             boot_backoff_max: 30_000,
             max_session: 5 * 3600 * 1000,
             session_warning: 5 * 60 * 1000,

@@ -60,7 +60,9 @@ impl PoolState {
     /// boot more when the queue outruns what is already booting.
     fn rule_preparation(&mut self, now: Millis) -> bool {
         // (a) Queue not empty and a FREE VM: prepare it for the batch at the front.
-        if let (Some(front), Some(free)) = (self.preps.front().copied(), self.first_vm(|v| v.state == VmState::Free && self.node_use_of(v) == NodeUse::Normal)) {
+        if let (Some(front), Some(free)) =
+            (self.preps.front().copied(), self.first_vm(|v| v.state == VmState::Free && self.node_use_of(v) == NodeUse::Normal))
+        {
             self.preps.pop_front();
             if self.batches.contains_key(&front) {
                 self.prepare_vm(free, front, now);
@@ -100,7 +102,10 @@ impl PoolState {
         let found = self.pending.iter().enumerate().find_map(|(i, p)| {
             let b = self.batches.get(&p.batch)?;
             self.handles.get(&p.handle)?;
-            let vm = b.vms.iter().find(|vm| self.vms.get(vm).is_some_and(|v| v.state == VmState::Ready && self.node_use_of(v) == NodeUse::Normal))?;
+            let vm = b
+                .vms
+                .iter()
+                .find(|vm| self.vms.get(vm).is_some_and(|v| v.state == VmState::Ready && self.node_use_of(v) == NodeUse::Normal))?;
             Some((i, *p, *vm))
         });
         if let Some((i, p, vm)) = found {

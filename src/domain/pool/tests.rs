@@ -202,7 +202,11 @@ fn a_lost_node_takes_its_vms_and_their_users_and_they_are_replaced() {
     assert!(p.handle(h).is_none());
     let effects = &p.effects;
     assert!(effects.iter().any(|e| matches!(e, Effect::HandleEnded { why: HandleEnd::VmLost, .. })));
-    assert_eq!(effects.iter().filter(|e| matches!(e, Effect::Served { to, .. } if *to == T0 + 1)).count(), 1, "the lost session is served once");
+    assert_eq!(
+        effects.iter().filter(|e| matches!(e, Effect::Served { to, .. } if *to == T0 + 1)).count(),
+        1,
+        "the lost session is served once"
+    );
     assert!(effects.iter().any(|e| matches!(e, Effect::Boot { .. })), "replacements boot");
     p.settle_instantly_on(T0 + 1, 2);
     assert_eq!(count(&p, VmState::Free) + count(&p, VmState::Ready), 2);
