@@ -200,6 +200,9 @@ fn log_failure<T>(vm: VmId, what: &str, r: &Result<T, DriverError>) {
 
 async fn boot(me: ActorRef<SessionMsg>, key: VmKey, op: u64, pool: PoolHandle, nodes: NodeRegistryHandle, spec: VmSpec, timeout: Duration) {
     let vm = key.vm;
+    // The domain's name carries the pool and the VM id, so an operator can tell VMs apart in
+    // `virsh list` and the driver can tie a fixed address to it.
+    let spec = VmSpec { name: format!("{}-{}", key.pool, key.vm), ..spec };
     let placed = match nodes.place(&key, &spec).await {
         Ok(p) => p,
         Err(e) => {

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::drivers::{Console, DriverError, GuestStatus, PrepareSpec, VmSpec, VmStats};
+use crate::drivers::{Console, DriverError, ExecOutput, GuestStatus, PrepareSpec, VmSpec, VmStats};
 
 /// Version of this protocol; the hive refuses a `Hello` with a different major version.
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -158,6 +158,14 @@ pub enum Command {
         domain: String,
         name: String,
     },
+    DeleteSnapshot {
+        domain: String,
+        name: String,
+    },
+    Exec {
+        domain: String,
+        command: String,
+    },
     Destroy {
         domain: String,
     },
@@ -192,6 +200,7 @@ pub enum CmdOk {
     Guest(GuestStatus),
     Stats(VmStats),
     Fetched(Fetched),
+    Exec(ExecOutput),
 }
 
 #[cfg(test)]

@@ -58,6 +58,15 @@ pub struct PrepareSpec {
     pub profile_name: String,
 }
 
+/// What a command run in a guest through the command channel (ssh) returned.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecOutput {
+    /// The command's exit status; -1 when it was killed by a signal.
+    pub status: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmStats {
     pub cpu_time_ns: u64,
@@ -76,6 +85,14 @@ pub trait Hypervisor: Send + Sync + 'static {
     async fn resume(&self, domain: &str) -> Result<(), DriverError>;
     async fn snapshot(&self, domain: &str, name: &str) -> Result<(), DriverError>;
     async fn revert(&self, domain: &str, name: &str) -> Result<(), DriverError>;
+    /// Remove a snapshot. Removing a missing snapshot is `NotFound`.
+    async fn delete_snapshot(&self, domain: &str, name: &str) -> Result<(), DriverError>;
+    /// Run `command` in the running guest through the command channel; the exit status,
+    /// stdout and stderr come back whatever the status.
+    async fn exec(&self, domain: &str, command: &str) -> Result<ExecOutput, DriverError> {
+        let _ = (domain, command);
+        Err(DriverError::Unsupported("a command channel".into()))
+    }
     /// Stop the VM if running and remove it and its disk. Destroying a missing domain is Ok.
     async fn destroy(&self, domain: &str) -> Result<(), DriverError>;
     async fn console(&self, domain: &str) -> Result<Console, DriverError>;

@@ -13,7 +13,7 @@ use async_trait::async_trait;
 use parking_lot::Mutex;
 use tokio::sync::{mpsc, oneshot};
 
-use super::{Console, DriverError, GuestStatus, Hypervisor, PrepareSpec, VmSpec, VmStats};
+use super::{Console, DriverError, ExecOutput, GuestStatus, Hypervisor, PrepareSpec, VmSpec, VmStats};
 use crate::agent::proto::{CmdOk, Command, Fetched, HiveMsg, Peer};
 
 type Pending = HashMap<u64, oneshot::Sender<Result<CmdOk, DriverError>>>;
@@ -196,6 +196,14 @@ impl Hypervisor for RemoteHypervisor {
     async fn list(&self) -> Result<Vec<String>, DriverError> {
         expect!(self.call(Command::List), CmdOk::Domains(d) => d)
     }
+
+    async fn delete_snapshot(&self, domain: &str, name: &str) -> Result<(), DriverError> {
+        expect!(self.call(Command::DeleteSnapshot { domain: domain.into(), name: name.into() }), CmdOk::Done => ())
+    }
+
+    async fn exec(&self, domain: &str, command: &str) -> Result<ExecOutput, DriverError> {
+        expect!(self.call(Command::Exec { domain: domain.into(), command: command.into() }), CmdOk::Exec(o) => o)
+    }
 }
 
 /// Carry out one command on a local hypervisor: what the agent does with each `Command`.
@@ -208,6 +216,8 @@ pub async fn execute(h: &dyn Hypervisor, cmd: Command) -> Result<CmdOk, DriverEr
         Command::Resume { domain } => h.resume(&domain).await.map(|_| CmdOk::Done)?,
         Command::Snapshot { domain, name } => h.snapshot(&domain, &name).await.map(|_| CmdOk::Done)?,
         Command::Revert { domain, name } => h.revert(&domain, &name).await.map(|_| CmdOk::Done)?,
+        Command::DeleteSnapshot { domain, name } => h.delete_snapshot(&domain, &name).await.map(|_| CmdOk::Done)?,
+        Command::Exec { domain, command } => CmdOk::Exec(h.exec(&domain, &command).await?),
         Command::Destroy { domain } => h.destroy(&domain).await.map(|_| CmdOk::Done)?,
         Command::Console { domain } => CmdOk::Console(h.console(&domain).await?),
         Command::Ping { domain } => CmdOk::Guest(h.ping(&domain).await?),

@@ -15,7 +15,7 @@ use parking_lot::Mutex;
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 
-use super::{Console, DriverError, GuestStatus, Hypervisor, PrepareSpec, VmSpec, VmStats};
+use super::{Console, DriverError, ExecOutput, GuestStatus, Hypervisor, PrepareSpec, VmSpec, VmStats};
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -62,6 +62,7 @@ pub struct SimHypervisor {
     vms: Mutex<BTreeMap<String, SimVm>>,
     next: AtomicU64,
     failing_pings: Mutex<HashSet<String>>,
+    executed: Mutex<Vec<(String, String)>>,
     state_file: Option<PathBuf>,
 }
 
@@ -83,6 +84,7 @@ impl SimHypervisor {
             vms: Mutex::new(vms),
             next: AtomicU64::new(next),
             failing_pings: Mutex::new(HashSet::new()),
+            executed: Mutex::new(Vec::new()),
             state_file,
         }
     }
@@ -99,6 +101,11 @@ impl SimHypervisor {
         } else {
             f.remove(domain);
         }
+    }
+
+    /// Commands run through `exec`, in order, as (domain, command).
+    pub fn executed(&self) -> Vec<(String, String)> {
+        self.executed.lock().clone()
     }
 
     pub fn domains(&self) -> Vec<String> {
@@ -226,6 +233,24 @@ impl Hypervisor for SimHypervisor {
         self.with_vm(domain, |vm| {
             if vm.snapshots.iter().any(|s| s == name) { Ok(()) } else { Err(DriverError::Failed(format!("no snapshot {name}"))) }
         })
+    }
+
+    async fn delete_snapshot(&self, domain: &str, name: &str) -> Result<(), DriverError> {
+        self.with_vm(domain, |vm| {
+            let before = vm.snapshots.len();
+            vm.snapshots.retain(|s| s != name);
+            if vm.snapshots.len() < before { Ok(()) } else { Err(DriverError::NotFound(format!("snapshot {name}"))) }
+        })?;
+        self.save().await;
+        Ok(())
+    }
+
+    /// Simulated: no guest runs, so a command "succeeds" with empty output once the VM runs.
+    /// The commands are recorded so that tests can see what ConfigAuto ran.
+    async fn exec(&self, domain: &str, command: &str) -> Result<ExecOutput, DriverError> {
+        self.with_vm(domain, |vm| if vm.running { Ok(()) } else { Err(DriverError::Failed(format!("{domain} is not running"))) })?;
+        self.executed.lock().push((domain.to_string(), command.to_string()));
+        Ok(ExecOutput::default())
     }
 
     async fn destroy(&self, domain: &str) -> Result<(), DriverError> {

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Installs and starts what the test suite needs beyond the Rust toolchain, idempotently:
+#   - libvirt (daemon, QEMU driver, headers for the `virt` crate) and QEMU with qemu-img, all
+#     from bookworm-backports so that qemu-system-x86 does not replace the newer qemu-img;
+#   - dnsmasq and sshd (the tests start their own instances on loopback ports);
+#   - a private libvirtd (its own config and socket under /run/guaca-hive) plus virtlogd;
+#   - the tiny test guest (a Debian kernel and a busybox initramfs), see build-test-guest.sh.
+# Needs root (it runs apt-get). Prints the libvirt URI the tests use.
+set -euo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+export DEBIAN_FRONTEND=noninteractive
+
+need=()
+command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
+command -v libvirtd >/dev/null || need+=(libvirt-daemon libvirt-daemon-driver-qemu)
+command -v virsh >/dev/null || need+=(libvirt-clients)
+pkg-config --exists libvirt 2>/dev/null || need+=(libvirt-dev)
+command -v dnsmasq >/dev/null || need+=(dnsmasq-base)
+[ -x /usr/sbin/sshd ] || need+=(openssh-server)
+command -v cpio >/dev/null || need+=(cpio)
+command -v pkg-config >/dev/null || need+=(pkg-config)
+
+if [ ${#need[@]} -gt 0 ]; then
+    if [ "$(id -u)" != 0 ]; then
+        echo "test-deps: missing ${need[*]}; run this script as root" >&2
+        exit 1
+    fi
+    if ! grep -rqs bookworm-backports /etc/apt/sources.list /etc/apt/sources.list.d/; then
+        cat > /etc/apt/sources.list.d/guaca-hive-backports.sources <<'SRC'
+Types: deb
+URIs: http://deb.debian.org/debian
+Suites: bookworm-backports
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+SRC
+    fi
+    apt-get update -qq
+    # Package scripts must not start system-wide daemons (sshd on :22, a default libvirtd):
+    # the tests run their own instances.
+    made_policy=0
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+        printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
+        chmod +x /usr/sbin/policy-rc.d
+        made_policy=1
+    fi
+    apt-get install -y -qq -o Dpkg::Use-Pty=0 -t bookworm-backports \
+        qemu-system-x86 qemu-utils libvirt-daemon libvirt-daemon-driver-qemu \
+        libvirt-clients libvirt-dev >/dev/null
+    apt-get install -y -qq -o Dpkg::Use-Pty=0 \
+        dnsmasq-base openssh-server cpio pkg-config busybox-static >/dev/null
+    [ $made_policy = 1 ] && rm -f /usr/sbin/policy-rc.d
+fi
+
+"$here/libvirt-up.sh"
+"$here/build-test-guest.sh" >/dev/null
