@@ -36,6 +36,10 @@ fn describe() {
     describe_counter!("hive_rule_passes_total", "Evaluations of the pool rules");
     describe_counter!("hive_actor_restarts_total", "Supervised actors restarted after a failure, by actor kind");
     describe_gauge!("hive_nodes", "Nodes, by state");
+    describe_histogram!(
+        "hive_instantiation_seconds",
+        "Time of one instantiation step (clone, boot, snapshot, resume, revert, app), by backend"
+    );
     describe_counter!("hive_http_requests_total", "HTTP requests, by route template and status class");
     describe_histogram!("hive_http_request_seconds", "HTTP request duration, by route template");
     describe_counter!("hive_store_commits_total", "Group commits to the store, by outcome");
@@ -86,6 +90,12 @@ pub fn nodes(by_state: &std::collections::BTreeMap<&'static str, usize>) {
     for s in ["registering", "ready", "cordoned", "draining", "suspect", "dead"] {
         gauge!("hive_nodes", "state" => s).set(by_state.get(s).copied().unwrap_or(0) as f64);
     }
+}
+
+/// One instantiation step on a backend: `step` is clone, boot, snapshot, resume, revert or app;
+/// `backend` is the driver's `kind()` (sim, libvirt, remote).
+pub fn instantiation(backend: &'static str, step: &'static str, took: std::time::Duration) {
+    histogram!("hive_instantiation_seconds", "backend" => backend, "step" => step).record(took.as_secs_f64());
 }
 
 pub fn http(route: &'static str, status: u16, secs: f64) {
