@@ -5,7 +5,7 @@
 //! A restarted session picks up its VM from the placement the pool stored.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 
@@ -122,7 +122,11 @@ impl Actor for SessionActor {
                     Some((domain, driver)) => {
                         tokio::spawn(async move {
                             // Revert to the clean snapshot instead of rebooting: seconds, not minutes.
+                            let t = Instant::now();
                             let r = driver.revert(&domain, CLEAN_SNAPSHOT).await;
+                            if r.is_ok() {
+                                crate::metrics::instantiation(driver.kind(), "revert", t.elapsed());
+                            }
                             log_failure(vm, "cleanup", &r);
                             pool.report(DriverReport::Cleaned { vm, op, ok: r.is_ok() });
                         });
@@ -210,6 +214,8 @@ async fn boot(me: ActorRef<SessionMsg>, key: VmKey, op: u64, pool: PoolHandle, n
             return pool.report(DriverReport::BootFailed { vm, op, placement: None });
         }
     };
+    let backend = placed.driver.kind();
+    let t = Instant::now();
     let domain = match placed.driver.create(&spec).await {
         Ok(d) => d,
         Err(e) => {
@@ -219,6 +225,7 @@ async fn boot(me: ActorRef<SessionMsg>, key: VmKey, op: u64, pool: PoolHandle, n
             return pool.report(DriverReport::BootFailed { vm, op, placement: None });
         }
     };
+    crate::metrics::instantiation(backend, "clone", t.elapsed());
     let placement = Placement { node: placed.node, domain: domain.clone() };
     let _ = me.cast(SessionMsg::Placed { placement: placement.clone(), driver: placed.driver.clone() });
     pool.report(DriverReport::Created { vm, op, placement: placement.clone() });
@@ -228,6 +235,7 @@ async fn boot(me: ActorRef<SessionMsg>, key: VmKey, op: u64, pool: PoolHandle, n
         nodes.failed(placed.node);
         pool.report(DriverReport::BootFailed { vm, op, placement: Some(placement.clone()) });
     };
+    let t = Instant::now();
     if let Err(e) = driver.start(&domain).await {
         return fail(e.to_string());
     }
@@ -244,9 +252,12 @@ async fn boot(me: ActorRef<SessionMsg>, key: VmKey, op: u64, pool: PoolHandle, n
             Err(e) => return fail(e.to_string()),
         }
     };
+    crate::metrics::instantiation(backend, "boot", t.elapsed());
+    let t = Instant::now();
     if let Err(e) = driver.snapshot(&domain, CLEAN_SNAPSHOT).await {
         return fail(e.to_string());
     }
+    crate::metrics::instantiation(backend, "snapshot", t.elapsed());
     let console = match driver.console(&domain).await {
         Ok(c) => c,
         Err(e) => return fail(e.to_string()),

@@ -73,6 +73,15 @@ pub struct VmStats {
     pub memory_kb: u64,
 }
 
+/// The metric label for a driver name an agent reported: one of a small fixed set.
+pub fn backend_label(driver: &str) -> &'static str {
+    match driver {
+        "sim" => "sim",
+        "libvirt" => "libvirt",
+        _ => "other",
+    }
+}
+
 #[async_trait]
 pub trait Hypervisor: Send + Sync + 'static {
     /// Short driver name for logs and metric labels ("sim", "libvirt").

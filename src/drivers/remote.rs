@@ -71,11 +71,17 @@ impl AgentLink {
 pub struct RemoteHypervisor {
     link: Mutex<Option<Arc<AgentLink>>>,
     timeout: Duration,
+    backend: Mutex<&'static str>,
 }
 
 impl RemoteHypervisor {
     pub fn new(timeout: Duration) -> RemoteHypervisor {
-        RemoteHypervisor { link: Mutex::new(None), timeout }
+        RemoteHypervisor { link: Mutex::new(None), timeout, backend: Mutex::new("agent") }
+    }
+
+    /// Remember which driver the agent runs, for `kind()` (metric labels).
+    pub fn set_backend(&self, driver: &str) {
+        *self.backend.lock() = super::backend_label(driver);
     }
 
     /// Route calls through `link` from now on (the agent (re)connected); `None` when it left.
@@ -141,8 +147,9 @@ macro_rules! expect {
 
 #[async_trait]
 impl Hypervisor for RemoteHypervisor {
+    /// The driver the agent runs (sim, libvirt), as it said in its hello; "agent" before that.
     fn kind(&self) -> &'static str {
-        "agent"
+        *self.backend.lock()
     }
 
     async fn create(&self, spec: &VmSpec) -> Result<String, DriverError> {

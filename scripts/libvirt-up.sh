@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Starts the test suite's private libvirtd (config scripts/libvirt/libvirtd.conf, socket under
+# /run/guaca-hive/libvirt) and virtlogd, unless they already answer. Idempotent. Prints the URI:
+#   qemu:///system?socket=/run/guaca-hive/libvirt/libvirt-sock
+set -euo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+sock=/run/guaca-hive/libvirt/libvirt-sock
+uri="qemu:///system?socket=$sock"
+mkdir -p /run/guaca-hive/libvirt /var/log/guaca-hive
+
+if ! pgrep -x virtlogd >/dev/null; then
+    virtlogd -d -f "$here/libvirt/virtlogd.conf"
+fi
+if ! virsh -c "$uri" version >/dev/null 2>&1; then
+    pkill -f "libvirtd.*guaca-hive" 2>/dev/null || true
+    libvirtd -d -f "$here/libvirt/libvirtd.conf" -p /run/guaca-hive/libvirtd.pid
+    for _ in $(seq 1 100); do
+        virsh -c "$uri" version >/dev/null 2>&1 && break
+        sleep 0.1
+    done
+fi
+if ! virsh -c "$uri" version >/dev/null 2>&1; then
+    echo "libvirt-up: libvirtd did not answer on $sock; see /var/log/guaca-hive/libvirtd.log" >&2
+    exit 1
+fi
+echo "$uri"
