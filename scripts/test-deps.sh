@@ -53,3 +53,4 @@ fi
 
 "$here/libvirt-up.sh"
 "$here/build-test-guest.sh" >/dev/null
+"$here/accel.sh" >/dev/null

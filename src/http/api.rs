@@ -94,8 +94,9 @@ fn session_view(pool: &str, v: &HandleView) -> SessionView {
         batch: v.handle.batch,
         assigned: v.vm.is_some(),
         vm: v.vm.as_ref().map(VmView::from),
+        // VNC is served by the hypervisor on the node, not by the guest.
         vnc: v.vm.as_ref().map(|vm| VncView {
-            host: vm.address.ip.clone(),
+            host: vm.address.public_ip.clone(),
             port: vm.address.vnc_port,
             password: vm.address.vnc_passwd.clone(),
         }),
