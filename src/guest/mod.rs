@@ -3,6 +3,8 @@
 //! client, no `ssh` binary). The exit status, stdout and stderr always come back; a channel
 //! error (unreachable, refused key, timeout) is a `GuestError`, never a fake exit status.
 
+pub mod ssh;
+
 use std::time::Duration;
 
 use async_trait::async_trait;
