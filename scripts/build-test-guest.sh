@@ -4,13 +4,14 @@
 #   <out>/tiny/initrd    a busybox initramfs (busybox-static): a banner on the screen, a shell on
 #                        the serial console (ttyS0)
 #   <out>/tiny/cmdline   the kernel command line
+#   <out>/tiny/ready     the line the guest prints on its serial console once it is up
 #   <out>/tiny/disk.qcow2  a small empty disk, the template's base image
 # This is the template layout of the libvirt driver (src/drivers/libvirt). Prints <out>.
 # Default <out>: /var/cache/guaca-hive/templates (override with GUEST_DIR).
 set -euo pipefail
 out="${GUEST_DIR:-/var/cache/guaca-hive/templates}"
 dir="$out/tiny"
-if [ -s "$dir/kernel" ] && [ -s "$dir/initrd" ] && [ -s "$dir/disk.qcow2" ] && [ -s "$dir/cmdline" ]; then
+if [ -s "$dir/kernel" ] && [ -s "$dir/initrd" ] && [ -s "$dir/disk.qcow2" ] && [ -s "$dir/ready" ]; then
     echo "$out"
     exit 0
 fi
@@ -55,6 +56,7 @@ chmod +x "$root/init"
 (cd "$root" && find . | cpio -o -H newc --quiet) > "$dir/initrd.tmp"
 
 echo "console=tty1 console=ttyS0 panic=-1 loglevel=4" > "$dir/cmdline"
+echo "guaca-hive test guest ready" > "$dir/ready"
 qemu-img create -q -f qcow2 "$dir/disk.qcow2.tmp" 64M
 mv "$dir/kernel.tmp" "$dir/kernel"
 mv "$dir/initrd.tmp" "$dir/initrd"

@@ -24,7 +24,7 @@ enum Cmd {
     /// A command-line client of a running hive's HTTP API.
     Ctl(guaca_hive::ctl::CtlArgs),
     /// The node agent: lend this host's CPU, RAM and disk to a hive.
-    Node(NodeArgs),
+    Node(Box<NodeArgs>),
 }
 
 #[derive(Args)]
@@ -69,6 +69,81 @@ struct NodeArgs {
     /// Ready copies to keep of every image the node holds.
     #[arg(long, default_value_t = 2)]
     stock: usize,
+    #[command(flatten)]
+    libvirt: LibvirtArgs,
+}
+
+/// `--driver libvirt` only (the build needs `--features libvirt`).
+#[derive(Args)]
+struct LibvirtArgs {
+    /// libvirt connection URI (`test:///default` runs nothing: libvirt's test driver).
+    #[arg(long, default_value = "qemu:///system")]
+    libvirt_uri: String,
+    /// Templates: `<dir>/<template>/disk.qcow2` (or disk.raw), optional kernel, initrd, cmdline.
+    #[arg(long, default_value = "/var/lib/guaca-hive/templates")]
+    templates_dir: PathBuf,
+    /// VM overlays and serial sockets (default: <data-dir>/vms).
+    #[arg(long)]
+    vm_dir: Option<PathBuf>,
+    /// Where VNC displays listen.
+    #[arg(long, default_value = "127.0.0.1")]
+    vnc_listen: String,
+    /// Accelerator: kvm or tcg (default: kvm when /dev/kvm opens read-write).
+    #[arg(long, value_parser = ["kvm", "tcg"])]
+    accel: Option<String>,
+    /// The VMs' NIC: none, user or bridge:<name>.
+    #[arg(long, default_value = "none")]
+    network: guaca_hive::drivers::domain_xml::NetworkMode,
+    /// Fixed addresses through dnsmasq, e.g. 10.77.0.10-10.77.0.250 (default: none).
+    #[arg(long)]
+    dnsmasq_range: Option<String>,
+    /// dnsmasq's --dhcp-hostsfile (default: <data-dir>/dnsmasq.hosts).
+    #[arg(long)]
+    dnsmasq_hosts_file: Option<PathBuf>,
+    /// dnsmasq's --addn-hosts, which makes the VMs' names resolve (default: <data-dir>/dnsmasq.addn-hosts).
+    #[arg(long)]
+    dnsmasq_addn_hosts: Option<PathBuf>,
+    /// dnsmasq's --pid-file: it gets SIGHUP after every change.
+    #[arg(long)]
+    dnsmasq_pid_file: Option<PathBuf>,
+}
+
+#[cfg(feature = "libvirt")]
+async fn libvirt_driver(a: LibvirtArgs, data_dir: &Path) -> anyhow::Result<std::sync::Arc<dyn guaca_hive::drivers::Hypervisor>> {
+    use guaca_hive::drivers::addresses::AddressConfig;
+    use guaca_hive::drivers::domain_xml::DomainType;
+    use guaca_hive::drivers::libvirt::{LibvirtConfig, LibvirtHypervisor};
+    let addresses = match &a.dnsmasq_range {
+        None => None,
+        Some(range) => {
+            let (start, end) = range.split_once('-').context("--dnsmasq-range: expected <first-ip>-<last-ip>")?;
+            Some(AddressConfig {
+                range_start: start.trim().parse().context("--dnsmasq-range: first IP")?,
+                range_end: end.trim().parse().context("--dnsmasq-range: last IP")?,
+                hosts_file: a.dnsmasq_hosts_file.unwrap_or_else(|| data_dir.join("dnsmasq.hosts")),
+                addn_hosts_file: Some(a.dnsmasq_addn_hosts.unwrap_or_else(|| data_dir.join("dnsmasq.addn-hosts"))),
+                pid_file: a.dnsmasq_pid_file,
+                lease: "infinite".into(),
+            })
+        }
+    };
+    let cfg = LibvirtConfig {
+        uri: a.libvirt_uri,
+        templates_dir: a.templates_dir,
+        vm_dir: a.vm_dir.unwrap_or_else(|| data_dir.join("vms")),
+        vnc_listen: a.vnc_listen,
+        network: a.network,
+        domain_type: a.accel.map(|x| if x == "kvm" { DomainType::Kvm } else { DomainType::Qemu }),
+        addresses,
+        ..LibvirtConfig::default()
+    };
+    let hv = tokio::task::spawn_blocking(move || LibvirtHypervisor::open(cfg, None)).await??;
+    Ok(std::sync::Arc::new(hv))
+}
+
+#[cfg(not(feature = "libvirt"))]
+async fn libvirt_driver(_: LibvirtArgs, _: &Path) -> anyhow::Result<std::sync::Arc<dyn guaca_hive::drivers::Hypervisor>> {
+    anyhow::bail!("this hive was built without the libvirt driver: rebuild with `cargo build --features libvirt` (needs libvirt-dev)")
 }
 
 async fn node(a: NodeArgs) -> anyhow::Result<()> {
@@ -80,7 +155,7 @@ async fn node(a: NodeArgs) -> anyhow::Result<()> {
             tracing::warn!("driver sim: a simulated hypervisor, not real VMs");
             std::sync::Arc::new(SimHypervisor::new("agent", 200, SimTimings::default(), Some(a.data_dir.join("sim-state.json"))))
         }
-        "libvirt" => anyhow::bail!("this build has no libvirt driver yet; use --driver sim"),
+        "libvirt" => libvirt_driver(a.libvirt, &a.data_dir).await?,
         other => anyhow::bail!("unknown driver {other:?}: use sim or libvirt"),
     };
     let (cpus, ram, disk_free) = guaca_hive::agent::host::HostSampler::new(&a.data_dir).capacity();
@@ -182,7 +257,7 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let (cfg, up) = match cli.cmd {
         Cmd::Ctl(a) => std::process::exit(guaca_hive::ctl::main(a).await),
-        Cmd::Node(a) => return node(a).await,
+        Cmd::Node(a) => return node(*a).await,
         Cmd::Up(a) => {
             let mut cfg = load(&a.common)?;
             if let Some(n) = a.sim_nodes {

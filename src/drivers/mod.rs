@@ -5,6 +5,10 @@
 //! simulator and says so in every name it hands out). libvirt and others come later behind the
 //! same trait.
 
+pub mod addresses;
+pub mod domain_xml;
+#[cfg(feature = "libvirt")]
+pub mod libvirt;
 pub mod remote;
 pub mod sim;
 

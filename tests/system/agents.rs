@@ -15,8 +15,8 @@ use crate::support::{hive_bin, spawn_hive, until};
 /// Heartbeat of these tests; suspect after 1.5 beats, dead after 2.5.
 const BEAT_MS: u64 = 400;
 
-struct Proc {
-    child: Child,
+pub(crate) struct Proc {
+    pub(crate) child: Child,
 }
 
 impl Drop for Proc {
@@ -26,13 +26,13 @@ impl Drop for Proc {
     }
 }
 
-struct Hive {
-    proc: Proc,
-    base: String,
-    token: String,
+pub(crate) struct Hive {
+    pub(crate) proc: Proc,
+    pub(crate) base: String,
+    pub(crate) token: String,
 }
 
-fn start_hive(dir: &Path, listen: &str, env: &[(&str, String)]) -> Hive {
+pub(crate) fn start_hive(dir: &Path, listen: &str, env: &[(&str, String)]) -> Hive {
     let (child, base) = spawn_hive(
         Command::new(hive_bin())
             .args(["up", "--listen", listen, "--sim-nodes", "0", "--data-dir"])
@@ -64,7 +64,7 @@ fn start_agent(hive: &str, token: &str, dir: &Path, name: &str) -> Proc {
 }
 
 /// A fresh join token from the hive's admin.
-async fn join_token(c: &reqwest::Client, hive: &Hive) -> String {
+pub(crate) async fn join_token(c: &reqwest::Client, hive: &Hive) -> String {
     let r = c.post(format!("{}/api/v1/nodes/join-tokens", hive.base)).bearer_auth(&hive.token).send().await.unwrap();
     r.json::<Value>().await.unwrap()["token"].as_str().expect("a join token").to_string()
 }

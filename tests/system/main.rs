@@ -14,6 +14,8 @@ mod api_v1;
 mod bad_input;
 mod durability;
 mod images;
+#[cfg(feature = "libvirt")]
+mod libvirt_e2e;
 mod nodes_admin;
 mod supervision;
 mod vmcloud_rules;
