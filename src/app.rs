@@ -20,6 +20,7 @@ use crate::domain::pool::PoolSize;
 use crate::drivers::VmSpec;
 use crate::drivers::sim::SimHypervisor;
 use crate::images::ImageRegistry;
+use crate::lifecycle::Lifecycle;
 use crate::store::{self, Change, NodeRecord, StoreError, StoreWriter};
 
 #[derive(Debug, thiserror::Error)]
@@ -45,6 +46,7 @@ struct HiveInner {
     supervisor: HiveHandle,
     writer: StoreWriter,
     images: ImageRegistry,
+    lifecycle: Lifecycle,
     sims: Vec<(NodeId, Arc<SimHypervisor>)>,
     metrics: Option<PrometheusHandle>,
     clock: Clock,
@@ -101,6 +103,13 @@ impl Hive {
             let _ = join.await;
             let _ = tx.send(true);
         });
+        // Lifecycle VMs take the configured resources; their template comes from the baseimage.
+        let v = &config.vm;
+        let lifecycle_vm = VmSpec { name: "lifecycle".into(), template: String::new(), cores: v.cores, ram_mb: v.ram_mb, disk_mb: v.disk_mb };
+        let boot_timeout = Duration::from_millis(config.pool.timeouts_ms.booting);
+        let lifecycle = Lifecycle::open(writer.store().clone(), nodes.clone(), lifecycle_vm, boot_timeout, clock)
+            .await
+            .map_err(|e| HiveError::Start(format!("lifecycle: {e}")))?;
         let admin_token = config.admin_token.clone();
         Ok(Hive {
             inner: Arc::new(HiveInner {
@@ -111,6 +120,7 @@ impl Hive {
                 nodes,
                 writer,
                 images,
+                lifecycle,
                 sims,
                 metrics,
                 clock,
@@ -165,6 +175,10 @@ impl Hive {
 
     pub fn images(&self) -> &ImageRegistry {
         &self.inner.images
+    }
+
+    pub fn lifecycle(&self) -> &Lifecycle {
+        &self.inner.lifecycle
     }
 
     /// The simulated hypervisor of node `id` (failure injection in tests and demos).

@@ -10,6 +10,8 @@
 //! - `agent`: `hive node`, the agent on a host: protocol, connection, host stats, images, stock.
 //! - `distribution`: content-addressed pieces between nodes, the node cache, bandwidth caps.
 //! - `images`: image uploads, blobs and manifests on the hive, and distributing replicas.
+//! - `lifecycle`: users and the image lifecycle (baseimage → environment → deployment → app);
+//!   the rules are `domain::lifecycle`, the backend steps `lifecycle::steps`.
 //! - `membership`: join tokens and node credentials, the rewards ledger, ratings.
 //! - `store`: the `Store` trait and SQLite (all SQL lives here); `StoreWriter` group commits.
 //! - `http`: thin warp routes: vmcloud, `/api/v1`, images, nodes, the agents' WebSocket, ops.
@@ -26,6 +28,7 @@ pub mod drivers;
 pub mod guest;
 pub mod http;
 pub mod images;
+pub mod lifecycle;
 pub mod membership;
 pub mod metrics;
 pub mod store;

@@ -69,7 +69,7 @@ pub fn sha256_hex(s: &str) -> String {
     hex::encode(Sha256::digest(s.as_bytes()))
 }
 
-fn secret() -> String {
+pub(crate) fn secret() -> String {
     rand::rng().sample_iter(rand::distr::Alphanumeric).take(40).map(char::from).collect()
 }
 

@@ -2,6 +2,7 @@
 //! actor: time comes in as an argument (`Millis` since the Unix epoch) and work to be done goes
 //! out as effects. This is what makes the pool rules testable in microseconds and by proptest.
 
+pub mod lifecycle;
 pub mod node;
 pub mod placement;
 pub mod pool;

@@ -9,8 +9,10 @@ use warp::reply::Response;
 use crate::actors::CallError;
 use crate::actors::node::NodeError;
 use crate::actors::pool::PoolError;
+use crate::domain::lifecycle::Refusal;
 use crate::domain::pool::PoolInputError;
 use crate::images::ImageError;
+use crate::lifecycle::LifecycleError;
 use crate::store::StoreError;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -133,6 +135,28 @@ impl From<ImageError> for ApiError {
             ImageError::ChecksumMismatch { .. } => refused(StatusCode::UNPROCESSABLE_ENTITY, "checksum_mismatch"),
             ImageError::Store(s) => s.clone().into(),
             ImageError::Io(_) | ImageError::NoImageStore => ApiError::Unavailable(e.to_string()),
+        }
+    }
+}
+
+impl From<LifecycleError> for ApiError {
+    fn from(e: LifecycleError) -> Self {
+        let refused = |status, code| ApiError::Refused { status, code, message: e.to_string() };
+        match &e {
+            LifecycleError::Refused(r) => match r {
+                Refusal::Invalid { field, reason } => ApiError::BadParam { field, reason: reason.clone() },
+                Refusal::Unknown(..) => ApiError::NotFound { code: "unknown_object", message: e.to_string() },
+                Refusal::Forbidden(_) => refused(StatusCode::FORBIDDEN, "forbidden"),
+                Refusal::BadTransition { .. } => refused(StatusCode::CONFLICT, "bad_transition"),
+                Refusal::LimitReached { .. } => refused(StatusCode::CONFLICT, "limit_reached"),
+                Refusal::NotSupported(_) => refused(StatusCode::NOT_IMPLEMENTED, "not_supported"),
+                Refusal::Busy(_) => refused(StatusCode::CONFLICT, "busy"),
+                Refusal::HasChildren { .. } => refused(StatusCode::CONFLICT, "has_children"),
+            },
+            LifecycleError::UnknownUser(_) => ApiError::NotFound { code: "unknown_user", message: e.to_string() },
+            LifecycleError::UserExists(_) => refused(StatusCode::CONFLICT, "exists"),
+            LifecycleError::NoStore => ApiError::Unavailable(e.to_string()),
+            LifecycleError::Store(s) => s.clone().into(),
         }
     }
 }

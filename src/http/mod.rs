@@ -7,7 +7,8 @@
 //!
 //! Surfaces: `vmcloud.rs` (the original API on the `default` pool), `api.rs` (`/api/v1`),
 //! `images.rs` (`/api/v1/images`: uploads, images, manifests and pieces), `nodes.rs` (join
-//! tokens, joining, node admin, rewards, ratings), `agent.rs` (the agents' WebSocket),
+//! tokens, joining, node admin, rewards, ratings), `lifecycle.rs` (users, baseimages,
+//! environments, deployments, apps), `agent.rs` (the agents' WebSocket),
 //! `ops.rs` (`/healthz`, `/readyz`, `/metrics`, the monitor page and its live stream).
 
 mod agent;
@@ -15,6 +16,7 @@ mod api;
 mod auth;
 mod error;
 mod images;
+mod lifecycle;
 mod nodes;
 mod ops;
 mod reply;
@@ -59,6 +61,8 @@ pub fn routes(hive: Hive) -> BoxedFilter<(Response,)> {
         .or(images::routes(hive.clone()))
         .unify()
         .or(nodes::routes(hive.clone()))
+        .unify()
+        .or(lifecycle::routes(hive.clone()))
         .unify()
         .or(agent::route(hive.clone()))
         .unify()

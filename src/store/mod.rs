@@ -7,6 +7,7 @@
 //! not one per request. All SQL of the crate lives under this module.
 
 pub mod images;
+pub mod lifecycle;
 pub mod nodes;
 pub mod sqlite;
 mod sqlite_rows;
@@ -23,6 +24,7 @@ use crate::domain::pool::{Batch, Handle, PendingLock, PoolSize, PoolSnapshot};
 use crate::domain::vm::Vm;
 
 pub use images::ImageStore;
+pub use lifecycle::{LifecycleStore, UserRecord};
 pub use nodes::{NodeStore, Rating};
 pub use sqlite::SqliteStore;
 pub use writer::StoreWriter;
@@ -217,6 +219,10 @@ pub trait Store: Send + Sync + 'static {
     }
     /// Join tokens, the rewards ledger and ratings (`nodes.rs`), where this implementation holds them.
     fn node_rows(&self) -> Option<&dyn NodeStore> {
+        None
+    }
+    /// Users and lifecycle objects (`lifecycle.rs`), where this implementation holds them.
+    fn lifecycle(&self) -> Option<&dyn LifecycleStore> {
         None
     }
 }

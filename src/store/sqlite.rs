@@ -158,6 +158,10 @@ impl Store for SqliteStore {
     fn node_rows(&self) -> Option<&dyn super::NodeStore> {
         Some(self)
     }
+
+    fn lifecycle(&self) -> Option<&dyn super::LifecycleStore> {
+        Some(self)
+    }
 }
 
 pub(super) async fn apply_one(conn: &mut SqliteConnection, change: &Change) -> Result<(), StoreError> {

@@ -180,11 +180,14 @@ async fn a_real_vm_boots_through_the_hive_serves_vnc_and_reverts_on_release() {
     // Shrinking the pool destroys the VM: no domain, no file left.
     let r = c.post(format!("{}/set-pool-size/0/0/0", hive.base)).send().await.unwrap();
     assert!(r.status().is_success());
-    until("the domain is gone", Duration::from_secs(60), || async {
+    // The driver undefines the domain, then removes its files: wait for both.
+    let files = |vm_dir: &Path| -> Vec<PathBuf> {
+        let all = std::fs::read_dir(vm_dir).map(|d| d.flatten().map(|e| e.path()).collect()).unwrap_or_else(|_| Vec::new());
+        all.into_iter().filter(|p: &PathBuf| p.to_string_lossy().contains(&domain)).collect()
+    };
+    until("the domain and its files are gone", Duration::from_secs(60), || async {
         let all = String::from_utf8_lossy(&virsh(&uri, &["list", "--all", "--name"]).stdout).to_string();
-        (!all.lines().any(|l| l.trim() == domain)).then_some(())
+        (!all.lines().any(|l| l.trim() == domain) && files(&vm_dir).is_empty()).then_some(())
     })
     .await;
-    let left: Vec<_> = std::fs::read_dir(&vm_dir).map(|d| d.flatten().map(|e| e.path()).collect()).unwrap_or_default();
-    assert!(left.iter().all(|p| !p.to_string_lossy().contains(&domain)), "files left behind: {left:?}");
 }

@@ -14,6 +14,7 @@ mod api_v1;
 mod bad_input;
 mod durability;
 mod images;
+mod lifecycle;
 #[cfg(feature = "libvirt")]
 mod libvirt_e2e;
 mod nodes_admin;
