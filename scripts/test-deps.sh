@@ -4,7 +4,8 @@
 #     from bookworm-backports so that qemu-system-x86 does not replace the newer qemu-img;
 #   - dnsmasq and sshd (the tests start their own instances on loopback ports);
 #   - a private libvirtd (its own config and socket under /run/guaca-hive) plus virtlogd;
-#   - the tiny test guest (a Debian kernel and a busybox initramfs), see build-test-guest.sh.
+#   - the tiny test guests (a Debian kernel and a busybox initramfs; `tiny-net` adds DHCP and
+#     dropbear, from dropbear-bin), see build-test-guest.sh.
 # Needs root (it runs apt-get). Prints the libvirt URI the tests use.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -17,6 +18,7 @@ command -v virsh >/dev/null || need+=(libvirt-clients)
 pkg-config --exists libvirt 2>/dev/null || need+=(libvirt-dev)
 command -v dnsmasq >/dev/null || need+=(dnsmasq-base)
 [ -x /usr/sbin/sshd ] || need+=(openssh-server)
+[ -x /usr/sbin/dropbear ] || need+=(dropbear-bin)
 command -v cpio >/dev/null || need+=(cpio)
 command -v pkg-config >/dev/null || need+=(pkg-config)
 
@@ -47,7 +49,7 @@ SRC
         qemu-system-x86 qemu-utils libvirt-daemon libvirt-daemon-driver-qemu \
         libvirt-clients libvirt-dev >/dev/null
     apt-get install -y -qq -o Dpkg::Use-Pty=0 \
-        dnsmasq-base openssh-server cpio pkg-config busybox-static >/dev/null
+        dnsmasq-base openssh-server cpio pkg-config busybox-static dropbear-bin >/dev/null
     [ $made_policy = 1 ] && rm -f /usr/sbin/policy-rc.d
 fi
 

@@ -106,6 +106,52 @@ struct LibvirtArgs {
     /// dnsmasq's --pid-file: it gets SIGHUP after every change.
     #[arg(long)]
     dnsmasq_pid_file: Option<PathBuf>,
+    /// The guests' SSH private key (unencrypted, OpenSSH format): turns on the command channel
+    /// (scripts, prepare, readiness by `true` over SSH). Needs --dnsmasq-range and one of
+    /// --ssh-fingerprint, --ssh-known-hosts or --ssh-accept-any-host-key.
+    #[arg(long)]
+    ssh_key: Option<PathBuf>,
+    /// The user the command channel logs in as.
+    #[arg(long, default_value = "root")]
+    ssh_user: String,
+    /// The port the guests' SSH server listens on.
+    #[arg(long, default_value_t = 22)]
+    ssh_port: u16,
+    /// Trust guests presenting the host key with this fingerprint (`SHA256:…`, as `ssh-keygen -l`
+    /// prints it): for guests cloned from one template.
+    #[arg(long, conflicts_with_all = ["ssh_known_hosts", "ssh_accept_any_host_key"])]
+    ssh_fingerprint: Option<String>,
+    /// Trust guests whose host keys are listed in this OpenSSH known_hosts file.
+    #[arg(long, conflicts_with = "ssh_accept_any_host_key")]
+    ssh_known_hosts: Option<PathBuf>,
+    /// INSECURE: trust any guest host key. Only for disposable test guests.
+    #[arg(long)]
+    ssh_accept_any_host_key: bool,
+    /// Run in a VM through the command channel before it is handed out; `{home_page}` and
+    /// `{profile}` are replaced by the shell-quoted values.
+    #[arg(long, requires = "ssh_key")]
+    prepare_command: Option<String>,
+}
+
+/// The command channel of `--ssh-key`, if given.
+#[cfg(feature = "libvirt")]
+fn ssh_channel(a: &LibvirtArgs) -> anyhow::Result<Option<std::sync::Arc<dyn guaca_hive::guest::CommandChannel>>> {
+    use guaca_hive::guest::ssh::{HostKeyPolicy, SshChannel, SshConfig};
+    let Some(key) = &a.ssh_key else {
+        anyhow::ensure!(
+            a.ssh_fingerprint.is_none() && a.ssh_known_hosts.is_none() && !a.ssh_accept_any_host_key,
+            "--ssh-fingerprint, --ssh-known-hosts and --ssh-accept-any-host-key need --ssh-key"
+        );
+        return Ok(None);
+    };
+    let host_key = match (&a.ssh_fingerprint, &a.ssh_known_hosts, a.ssh_accept_any_host_key) {
+        (Some(fp), None, false) => HostKeyPolicy::Fingerprint(fp.clone()),
+        (None, Some(path), false) => HostKeyPolicy::KnownHosts(path.clone()),
+        (None, None, true) => HostKeyPolicy::AcceptAny,
+        _ => anyhow::bail!("--ssh-key needs one of --ssh-fingerprint, --ssh-known-hosts or --ssh-accept-any-host-key"),
+    };
+    let cfg = SshConfig { user: a.ssh_user.clone(), port: a.ssh_port, private_key: key.clone(), host_key, ..SshConfig::default() };
+    Ok(Some(std::sync::Arc::new(SshChannel::new(cfg)?)))
 }
 
 #[cfg(feature = "libvirt")]
@@ -113,6 +159,7 @@ async fn libvirt_driver(a: LibvirtArgs, data_dir: &Path) -> anyhow::Result<std::
     use guaca_hive::drivers::addresses::AddressConfig;
     use guaca_hive::drivers::domain_xml::DomainType;
     use guaca_hive::drivers::libvirt::{LibvirtConfig, LibvirtHypervisor};
+    let channel = ssh_channel(&a)?;
     let addresses = match &a.dnsmasq_range {
         None => None,
         Some(range) => {
@@ -135,9 +182,10 @@ async fn libvirt_driver(a: LibvirtArgs, data_dir: &Path) -> anyhow::Result<std::
         network: a.network,
         domain_type: a.accel.map(|x| if x == "kvm" { DomainType::Kvm } else { DomainType::Qemu }),
         addresses,
+        prepare_command: a.prepare_command,
         ..LibvirtConfig::default()
     };
-    let hv = tokio::task::spawn_blocking(move || LibvirtHypervisor::open(cfg, None)).await??;
+    let hv = tokio::task::spawn_blocking(move || LibvirtHypervisor::open(cfg, channel)).await??;
     Ok(std::sync::Arc::new(hv))
 }
 

@@ -142,6 +142,8 @@ pub struct DomainParams {
     /// Everything the guest writes on its serial console, connected client or not.
     pub console_log: PathBuf,
     pub vnc_listen: String,
+    /// A fixed VNC port; libvirt picks one at every start when absent (autoport).
+    pub vnc_port: Option<u16>,
     pub vnc_password: String,
     pub network: NetworkMode,
     /// The fixed MAC; libvirt picks one when absent.
@@ -224,14 +226,20 @@ impl DomainParams {
             }
         }
         let sock = path(&self.serial_socket);
-        let log = if qemu { format!("      <log file='{}' append='off'/>\n", path(&self.console_log)) } else { String::new() };
+        // Appended: a revert restarts QEMU, and what the guest printed before is still worth reading
+        // (virtlogd caps and rotates the file).
+        let log = if qemu { format!("      <log file='{}' append='on'/>\n", path(&self.console_log)) } else { String::new() };
         x += &format!("    <serial type='unix'>\n      <source mode='bind' path='{sock}'/>\n{log}      <target port='0'/>\n    </serial>\n");
         x += &format!(
             "    <console type='unix'>\n      <source mode='bind' path='{sock}'/>\n      <target type='serial' port='0'/>\n    </console>\n"
         );
         let listen = esc(&self.vnc_listen);
+        let port = match self.vnc_port {
+            Some(p) => format!("port='{p}' autoport='no'"),
+            None => "autoport='yes'".to_string(),
+        };
         x += &format!(
-            "    <graphics type='vnc' autoport='yes' listen='{listen}' passwd='{}'>\n      <listen type='address' address='{listen}'/>\n    </graphics>\n",
+            "    <graphics type='vnc' {port} listen='{listen}' passwd='{}'>\n      <listen type='address' address='{listen}'/>\n    </graphics>\n",
             esc(&self.vnc_password)
         );
         x += "  </devices>\n</domain>\n";

@@ -19,6 +19,7 @@ fn params(kind: DomainType) -> DomainParams {
         serial_socket: "/vms/pool-7.serial".into(),
         console_log: "/vms/pool-7.console.log".into(),
         vnc_listen: "127.0.0.1".into(),
+        vnc_port: Some(5907),
         vnc_password: "s3cr'et!".into(),
         network: NetworkMode::None,
         mac: None,
@@ -39,6 +40,8 @@ fn a_kvm_domain_has_the_spec_the_disk_the_console_and_the_mark() {
     assert_eq!(text_of(&doc, "memory").as_deref(), Some("512"));
     assert_eq!(text_of(&doc, "vcpu").as_deref(), Some("2"));
     assert_eq!(text_of(&doc, "emulator").as_deref(), Some("/usr/bin/qemu-system-x86_64"));
+    let vnc = doc.descendants().find(|n| n.has_tag_name("graphics")).expect("a VNC display");
+    assert_eq!((vnc.attribute("port"), vnc.attribute("autoport")), (Some("5907"), Some("no")), "a fixed port survives QEMU restarts");
     let log = doc.descendants().find(|n| n.has_tag_name("log")).expect("the serial console is logged");
     assert_eq!(log.attribute("file"), Some("/vms/pool-7.console.log"));
     let mark = doc.descendants().find(|n| n.tag_name().namespace() == Some(HIVE_NS) && n.has_tag_name("vm"));
@@ -49,7 +52,7 @@ fn a_kvm_domain_has_the_spec_the_disk_the_console_and_the_mark() {
     assert_eq!(serial.len(), 2, "serial and console on the one socket");
     assert!(serial.iter().all(|n| n.attribute("path") == Some("/vms/pool-7.serial")));
     let vnc = parse_vnc(&xml).unwrap().unwrap();
-    assert_eq!(vnc, VncInfo { port: None, password: Some("s3cr'et!".into()) });
+    assert_eq!(vnc, VncInfo { port: Some(5907), password: Some("s3cr'et!".into()) });
     assert!(doc.descendants().any(|n| n.has_tag_name("cpu") && n.attribute("mode") == Some("host-passthrough")));
     assert!(!doc.descendants().any(|n| n.has_tag_name("interface")), "network none: no NIC");
 }

@@ -17,15 +17,19 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use crate::agents::{Proc, join_token, start_hive};
 use crate::support::until;
 
+/// Tests that run real VMs take turns: they share one libvirtd, where a node agent that
+/// connects destroys every hive domain its own hive does not know (reconciliation).
+pub(crate) static REAL_VMS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// Run one of the project's scripts and answer the last line it printed.
-fn script(name: &str) -> String {
+pub(crate) fn script(name: &str) -> String {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts").join(name);
     let out = Command::new(&path).stderr(Stdio::inherit()).output().unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     assert!(out.status.success(), "{name} failed; run scripts/test-deps.sh as root first");
     String::from_utf8_lossy(&out.stdout).lines().last().unwrap_or_default().trim().to_string()
 }
 
-fn virsh(uri: &str, args: &[&str]) -> std::process::Output {
+pub(crate) fn virsh(uri: &str, args: &[&str]) -> std::process::Output {
     Command::new("virsh").arg("-c").arg(uri).args(args).output().expect("virsh (scripts/test-deps.sh installs it)")
 }
 
@@ -79,6 +83,7 @@ fn artifacts() -> PathBuf {
 
 #[tokio::test]
 async fn a_real_vm_boots_through_the_hive_serves_vnc_and_reverts_on_release() {
+    let _turn = REAL_VMS.lock().await;
     let uri = script("libvirt-up.sh");
     let templates = script("build-test-guest.sh");
     let accel = script("accel.sh");
@@ -169,6 +174,14 @@ async fn a_real_vm_boots_through_the_hive_serves_vnc_and_reverts_on_release() {
     .await;
     let after = serial(&sock, "ls /tmp/changed 2>/dev/null || echo absent-$((40+3))", "absent-43").await;
     assert!(after.contains("absent-43"), "the change survived the revert:\n{after}");
+    // The revert restarted QEMU; the console is where the pool says it is.
+    let again = until("the VNC port answers after the revert", Duration::from_secs(30), || async {
+        let mut s = tokio::net::TcpStream::connect((vnc["host"].as_str().unwrap(), vnc["port"].as_u64().unwrap() as u16)).await.ok()?;
+        let mut g = [0u8; 12];
+        s.read_exact(&mut g).await.ok().map(|_| g)
+    })
+    .await;
+    assert_eq!(&again, b"RFB 003.008\n");
 
     // The hive measured the steps on this backend.
     let metrics = c.get(format!("{}/metrics", hive.base)).send().await.unwrap().text().await.unwrap();

@@ -17,6 +17,8 @@ mod images;
 mod lifecycle;
 #[cfg(feature = "libvirt")]
 mod libvirt_e2e;
+#[cfg(feature = "libvirt")]
+mod libvirt_net;
 mod nodes_admin;
 mod supervision;
 mod vmcloud_rules;

@@ -88,6 +88,8 @@ pub(crate) struct Shared {
     kind: DomainType,
     conn: parking_lot::Mutex<virt::connect::Connect>,
     addresses: Option<AddressBook>,
+    /// Held while a VNC port is chosen and the domain defined, so two creates never pick one port.
+    vnc_ports: parking_lot::Mutex<()>,
 }
 
 pub struct LibvirtHypervisor {
@@ -113,7 +115,7 @@ impl LibvirtHypervisor {
         let addresses = cfg.addresses.clone().map(AddressBook::open).transpose()?;
         let kind = cfg.domain_type.unwrap_or_else(|| DomainType::for_uri(&cfg.uri));
         tracing::info!(uri = %cfg.uri, domain_type = kind.as_str(), "libvirt driver connected");
-        Ok(Self { shared: Arc::new(Shared { cfg, kind, conn: parking_lot::Mutex::new(conn), addresses }), channel })
+        Ok(Self { shared: Arc::new(Shared { cfg, kind, conn: parking_lot::Mutex::new(conn), addresses, vnc_ports: parking_lot::Mutex::new(()) }), channel })
     }
 
     pub fn domain_type(&self) -> DomainType {
@@ -175,7 +177,15 @@ impl Hypervisor for LibvirtHypervisor {
 
     async fn resume(&self, domain: &str) -> Result<(), DriverError> {
         let name = domain.to_string();
-        self.blocking(move |s| ops::with_domain(s, &name, |d| d.resume().map(drop))).await
+        // Idempotent, like the simulator's: reverting to a live snapshot leaves the domain
+        // running, and libvirt refuses to resume a domain that is not paused.
+        self.blocking(move |s| {
+            ops::with_domain(s, &name, |d| match d.get_state()?.0 {
+                virt::sys::VIR_DOMAIN_RUNNING => Ok(()),
+                _ => d.resume().map(drop),
+            })
+        })
+        .await
     }
 
     async fn snapshot(&self, domain: &str, name: &str) -> Result<(), DriverError> {

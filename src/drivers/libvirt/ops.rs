@@ -12,7 +12,7 @@ use virt::error::{Error as VirtError, ErrorNumber};
 use virt::sys;
 
 use super::Shared;
-use crate::drivers::domain_xml::{self, DomainParams, HIVE_NS, TemplateFiles, VncInfo};
+use crate::drivers::domain_xml::{self, DomainParams, DomainType, HIVE_NS, TemplateFiles, VncInfo};
 use crate::drivers::{DriverError, VmSpec};
 
 pub(super) fn connect(uri: &str) -> Result<Connect, String> {
@@ -169,7 +169,27 @@ pub(super) fn create(s: &Shared, spec: &VmSpec) -> Result<String, DriverError> {
     Ok(spec.name.clone())
 }
 
+/// VNC displays get the first fixed port from here on that no domain's definition holds and
+/// nothing listens on. Fixed, because reverting to a live snapshot restarts QEMU, and with
+/// autoport the display could come back on another port than the one the pool handed out.
+const VNC_FIRST_PORT: u16 = 5900;
+const VNC_PORTS: u16 = 2000;
+
+fn free_vnc_port(s: &Shared, conn: &Connect) -> Result<u16, DriverError> {
+    let mut used = std::collections::HashSet::new();
+    for d in conn.list_all_domains(0).map_err(failed)? {
+        if let Ok(Some(v)) = d.get_xml_desc(sys::VIR_DOMAIN_XML_INACTIVE).map(|x| domain_xml::parse_vnc(&x).ok().flatten()) {
+            used.extend(v.port);
+        }
+    }
+    (VNC_FIRST_PORT..VNC_FIRST_PORT + VNC_PORTS)
+        .find(|p| !used.contains(p) && std::net::TcpListener::bind((s.cfg.vnc_listen.as_str(), *p)).is_ok())
+        .ok_or_else(|| DriverError::Failed(format!("no free VNC port in {VNC_FIRST_PORT}..{}", VNC_FIRST_PORT + VNC_PORTS)))
+}
+
 fn define(s: &Shared, conn: &Connect, spec: &VmSpec, tpl: &TemplateFiles, overlay: &Path) -> Result<(), DriverError> {
+    let _one_at_a_time = s.vnc_ports.lock();
+    let vnc_port = if s.kind == DomainType::Test { None } else { Some(free_vnc_port(s, conn)?) };
     let mac = match &s.addresses {
         Some(book) => Some(book.allocate(&spec.name).map_err(|e| DriverError::Failed(e.to_string()))?.mac),
         None => None,
@@ -189,6 +209,7 @@ fn define(s: &Shared, conn: &Connect, spec: &VmSpec, tpl: &TemplateFiles, overla
         serial_socket: serial_path(s, &spec.name),
         console_log: console_log_path(s, &spec.name),
         vnc_listen: s.cfg.vnc_listen.clone(),
+        vnc_port,
         vnc_password: domain_xml::random_vnc_password(),
         network: s.cfg.network.clone(),
         mac,

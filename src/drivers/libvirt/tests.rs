@@ -113,6 +113,7 @@ async fn start_stop_suspend_resume_and_ping_follow_the_domain_state() {
     hv.suspend(&name).await.unwrap();
     assert_eq!(hv.ping(&name).await, Err(DriverError::NotReady), "paused");
     hv.resume(&name).await.unwrap();
+    hv.resume(&name).await.expect("resuming a running domain changes nothing");
     assert!(hv.ping(&name).await.is_ok());
     hv.stop(&name).await.unwrap();
     assert_eq!(hv.ping(&name).await, Err(DriverError::NotReady));
