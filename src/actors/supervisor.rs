@@ -165,7 +165,9 @@ async fn reconcile(nodes: &[NodeSpec], stored: &[crate::store::StoredPool]) {
         .collect();
     for node in nodes {
         let Ok(domains) = node.driver.list().await else { continue };
-        for d in domains.iter().filter(|d| !known.contains(&(node.id, d.as_str()))) {
+        // Lifecycle VMs (`lc.…`) are the lifecycle service's, not the pools'.
+        let pools_own = |d: &&String| !d.starts_with(crate::domain::lifecycle::DOMAIN_PREFIX);
+        for d in domains.iter().filter(pools_own).filter(|d| !known.contains(&(node.id, d.as_str()))) {
             tracing::info!(node.id = node.id, domain = %d, "destroying a domain no pool knows");
             if let Err(e) = node.driver.destroy(d).await {
                 tracing::warn!(node.id = node.id, domain = %d, error = %e, "cannot destroy orphan domain");

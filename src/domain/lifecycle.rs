@@ -17,6 +17,10 @@ use super::Millis;
 /// environments). No user may take this name.
 pub const ADMIN_OWNER: &str = "admin";
 
+/// Lifecycle VMs' domain names start with this. Pool names cannot hold a dot, so no pool VM's
+/// domain (`<pool>-<id>`) can look like one; pool reconciliation leaves these alone.
+pub const DOMAIN_PREFIX: &str = "lc.";
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Kind {

@@ -132,6 +132,8 @@ async fn reconcile(
     me: ActorRef<RegistryMsg>,
 ) {
     let held: BTreeSet<String> = domains.into_iter().collect();
+    // Lifecycle VMs belong to the lifecycle service, which keeps its own record of them.
+    let mine = |d: &&String| !d.starts_with(crate::domain::lifecycle::DOMAIN_PREFIX);
     let mut known = HashSet::new();
     let mut complete = true;
     for p in pools.list() {
@@ -145,7 +147,7 @@ async fn reconcile(
         }
     }
     if complete {
-        for d in held.iter().filter(|d| !known.contains(*d)) {
+        for d in held.iter().filter(mine).filter(|d| !known.contains(*d)) {
             tracing::info!(node.id = node, domain = %d, "destroying a domain no pool knows");
             if let Err(e) = remote.destroy_domain(d).await {
                 tracing::warn!(node.id = node, domain = %d, error = %e, "cannot destroy an orphan domain");
