@@ -155,12 +155,14 @@ impl Hypervisor for SimHypervisor {
         "sim"
     }
 
-    async fn create(&self, _spec: &VmSpec) -> Result<String, DriverError> {
+    async fn create(&self, spec: &VmSpec) -> Result<String, DriverError> {
         let t = self.timings.lock().clone();
         self.delay(t.create_ms).await;
         self.roll("create")?;
         let n = self.next.fetch_add(1, Ordering::Relaxed);
-        let name = format!("sim-{}-{n}", self.node);
+        // The spec's name leads (pool VMs `<pool>-<id>`, lifecycle VMs `lc.…`, as on libvirt);
+        // the rest says this is a simulated domain.
+        let name = if spec.name.is_empty() { format!("sim-{}-{n}", self.node) } else { format!("{}~sim-{}-{n}", spec.name, self.node) };
         let password: String = {
             let mut rng = rand::rng();
             (0..8).map(|_| rng.random_range(b'a'..=b'z') as char).collect()
@@ -305,7 +307,7 @@ mod tests {
     async fn guest_answers_only_after_boot_time() {
         let sim = SimHypervisor::new("n1", 1, SimTimings { boot_ms: 1000, ..SimTimings::instant() }, None);
         let d = sim.create(&spec()).await.unwrap();
-        assert!(d.starts_with("sim-"));
+        assert!(d.starts_with("t~sim-n1-"), "the spec's name, then the simulator's mark: {d}");
         assert!(matches!(sim.ping(&d).await, Err(DriverError::Failed(_))), "not started");
         sim.start(&d).await.unwrap();
         assert_eq!(sim.ping(&d).await, Err(DriverError::NotReady));

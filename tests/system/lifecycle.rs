@@ -365,3 +365,21 @@ async fn a_restart_fails_steps_in_flight_and_keeps_the_rest() {
     .await;
     app.stop().await;
 }
+
+#[tokio::test]
+async fn a_ready_environment_keeps_its_vm_across_a_restart() {
+    let app = TestApp::spawn().await;
+    let erin = user(&app, "erin").await;
+    let base = ready_baseimage(&app).await;
+    let env = ready_environment(&app, base, &erin).await;
+    let (_, v) = send(&app, M::GET, &format!("/api/v1/environments/{env}"), None, Some(&erin)).await;
+    let (domain, node) = (v["domain"].as_str().expect("a domain").to_string(), v["node"].as_u64().expect("a node"));
+    let app = app.restart().await;
+    // The start-up reconciliation destroys domains no pool knows; a lifecycle VM is not one.
+    let sim = app.hive.sim(node).expect("the simulated node");
+    assert!(sim.domains().contains(&domain), "{domain} survived the restart: {:?}", sim.domains());
+    let dep = ready_deployment(&app, env, &erin).await;
+    let (_, d) = send(&app, M::GET, &format!("/api/v1/deployments/{dep}"), None, Some(&erin)).await;
+    assert_eq!(d["domain"], domain.as_str(), "the deployment is made on the same VM");
+    app.stop().await;
+}
