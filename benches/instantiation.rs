@@ -127,7 +127,10 @@ async fn main() {
         hv.create(&spec).await.expect("create");
         clone.push(t.elapsed());
         let base_overlay = work.path().join(format!("{name}-base.qcow2"));
-        clone_base.push(run(Command::new("qemu-img").args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"]).arg(tpl.join("disk.qcow2")).arg(&base_overlay)));
+        clone_base.push(run(Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
+            .arg(tpl.join("disk.qcow2"))
+            .arg(&base_overlay)));
         let _ = std::fs::remove_file(&base_overlay);
 
         let t = Instant::now();

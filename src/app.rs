@@ -105,7 +105,8 @@ impl Hive {
         });
         // Lifecycle VMs take the configured resources; their template comes from the baseimage.
         let v = &config.vm;
-        let lifecycle_vm = VmSpec { name: "lifecycle".into(), template: String::new(), cores: v.cores, ram_mb: v.ram_mb, disk_mb: v.disk_mb };
+        let lifecycle_vm =
+            VmSpec { name: "lifecycle".into(), template: String::new(), cores: v.cores, ram_mb: v.ram_mb, disk_mb: v.disk_mb };
         let boot_timeout = Duration::from_millis(config.pool.timeouts_ms.booting);
         let lifecycle = Lifecycle::open(writer.store().clone(), nodes.clone(), lifecycle_vm, boot_timeout, clock)
             .await

@@ -115,7 +115,9 @@ impl TemplateFiles {
         let Some((file, format)) = found else { return Err(DomainXmlError::NoTemplate { name: name.into(), dir }) };
         let optional = |f: &str| Some(dir.join(f)).filter(|p| p.is_file());
         let text = |f: &str| match optional(f) {
-            Some(p) => std::fs::read_to_string(&p).map(|t| Some(t.trim().to_string())).map_err(|source| DomainXmlError::Io { path: p, source }),
+            Some(p) => {
+                std::fs::read_to_string(&p).map(|t| Some(t.trim().to_string())).map_err(|source| DomainXmlError::Io { path: p, source })
+            }
             None => Ok(None),
         };
         let (cmdline, ready) = (text("cmdline")?, text("ready")?.filter(|r| !r.is_empty()));
@@ -229,7 +231,8 @@ impl DomainParams {
         // Appended: a revert restarts QEMU, and what the guest printed before is still worth reading
         // (virtlogd caps and rotates the file).
         let log = if qemu { format!("      <log file='{}' append='on'/>\n", path(&self.console_log)) } else { String::new() };
-        x += &format!("    <serial type='unix'>\n      <source mode='bind' path='{sock}'/>\n{log}      <target port='0'/>\n    </serial>\n");
+        x +=
+            &format!("    <serial type='unix'>\n      <source mode='bind' path='{sock}'/>\n{log}      <target port='0'/>\n    </serial>\n");
         x += &format!(
             "    <console type='unix'>\n      <source mode='bind' path='{sock}'/>\n      <target type='serial' port='0'/>\n    </console>\n"
         );

@@ -115,7 +115,8 @@ async fn create(lc: &Lifecycle, o: &Object) -> Step {
 /// soon as they exist, so a failure or a restart leaves nothing unaccounted for.
 async fn boot(lc: &Lifecycle, o: &Object, template: String, mut rt: Runtime) -> Step {
     let key = vm_key(o.id);
-    let spec = VmSpec { name: format!("{}{}-{}", crate::domain::lifecycle::DOMAIN_PREFIX, o.kind.name(), o.id), template, ..lc.inner.vm.clone() };
+    let spec =
+        VmSpec { name: format!("{}{}-{}", crate::domain::lifecycle::DOMAIN_PREFIX, o.kind.name(), o.id), template, ..lc.inner.vm.clone() };
     let placed = lc.inner.nodes.place(&key, &spec).await.map_err(|e| failed(&rt, "placement", e))?;
     rt.node = Some(placed.node);
     let d = placed.driver;

@@ -14,11 +14,11 @@ mod api_v1;
 mod bad_input;
 mod durability;
 mod images;
-mod lifecycle;
 #[cfg(feature = "libvirt")]
 mod libvirt_e2e;
 #[cfg(feature = "libvirt")]
 mod libvirt_net;
+mod lifecycle;
 mod nodes_admin;
 mod supervision;
 mod vmcloud_rules;

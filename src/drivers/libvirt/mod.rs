@@ -115,7 +115,10 @@ impl LibvirtHypervisor {
         let addresses = cfg.addresses.clone().map(AddressBook::open).transpose()?;
         let kind = cfg.domain_type.unwrap_or_else(|| DomainType::for_uri(&cfg.uri));
         tracing::info!(uri = %cfg.uri, domain_type = kind.as_str(), "libvirt driver connected");
-        Ok(Self { shared: Arc::new(Shared { cfg, kind, conn: parking_lot::Mutex::new(conn), addresses, vnc_ports: parking_lot::Mutex::new(()) }), channel })
+        Ok(Self {
+            shared: Arc::new(Shared { cfg, kind, conn: parking_lot::Mutex::new(conn), addresses, vnc_ports: parking_lot::Mutex::new(()) }),
+            channel,
+        })
     }
 
     pub fn domain_type(&self) -> DomainType {

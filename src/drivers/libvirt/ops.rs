@@ -151,7 +151,9 @@ pub(super) fn create(s: &Shared, spec: &VmSpec) -> Result<String, DriverError> {
     let started = std::time::Instant::now();
     qemu_img_overlay(s, &tpl, &overlay)?;
     let defined = define(s, &conn, spec, &tpl, &overlay).and_then(|()| match &tpl.ready {
-        Some(line) => std::fs::write(ready_path(s, &spec.name), line).map_err(|e| DriverError::Failed(format!("writing the ready line: {e}"))),
+        Some(line) => {
+            std::fs::write(ready_path(s, &spec.name), line).map_err(|e| DriverError::Failed(format!("writing the ready line: {e}")))
+        }
         None => Ok(()),
     });
     if defined.is_err() {
