@@ -20,6 +20,9 @@ command -v dnsmasq >/dev/null || need+=(dnsmasq-base)
 [ -x /usr/sbin/sshd ] || need+=(openssh-server)
 [ -x /usr/sbin/dropbear ] || need+=(dropbear-bin)
 command -v cpio >/dev/null || need+=(cpio)
+command -v ssh-keygen >/dev/null || need+=(openssh-client)
+command -v ip >/dev/null || need+=(iproute2)
+dpkg -s busybox-static >/dev/null 2>&1 || need+=(busybox-static)
 command -v pkg-config >/dev/null || need+=(pkg-config)
 
 if [ ${#need[@]} -gt 0 ]; then
@@ -49,8 +52,9 @@ SRC
         qemu-system-x86 qemu-utils libvirt-daemon libvirt-daemon-driver-qemu \
         libvirt-clients libvirt-dev >/dev/null
     apt-get install -y -qq -o Dpkg::Use-Pty=0 \
-        dnsmasq-base openssh-server cpio pkg-config busybox-static dropbear-bin >/dev/null
-    [ $made_policy = 1 ] && rm -f /usr/sbin/policy-rc.d
+        dnsmasq-base openssh-server openssh-client iproute2 cpio pkg-config busybox-static \
+        dropbear-bin >/dev/null
+    if [ $made_policy = 1 ]; then rm -f /usr/sbin/policy-rc.d; fi
 fi
 
 "$here/libvirt-up.sh"
