@@ -24,14 +24,7 @@ const BOOT: Duration = Duration::from_secs(150);
 const STEP: Duration = Duration::from_secs(90);
 
 async fn send(n: &NetNode, method: M, path: &str, body: Option<Value>, token: &str) -> (StatusCode, Value) {
-    let mut req = n.c.request(method, format!("{}{path}", n.hive.base)).bearer_auth(token);
-    if let Some(b) = body {
-        req = req.json(&b);
-    }
-    let r = req.send().await.expect("request");
-    let status = r.status();
-    let text = r.text().await.expect("body");
-    (status, if text.is_empty() { Value::Null } else { serde_json::from_str(&text).unwrap_or(Value::String(text)) })
+    crate::support::send_json(&n.c, method, format!("{}{path}", n.hive.base), body, Some(token)).await
 }
 
 async fn get(n: &NetNode, path: &str) -> Option<Value> {

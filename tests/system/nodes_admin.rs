@@ -12,17 +12,7 @@ use serde_json::{Value, json};
 use crate::support::{ADMIN, TestApp, until};
 
 async fn send(app: &TestApp, method: M, path: &str, body: Option<Value>, admin: bool) -> (StatusCode, Value) {
-    let mut req = app.client.request(method, format!("{}{path}", app.base));
-    if admin {
-        req = req.bearer_auth(ADMIN);
-    }
-    if let Some(b) = body {
-        req = req.json(&b);
-    }
-    let r = req.send().await.expect("request");
-    let status = r.status();
-    let text = r.text().await.expect("body");
-    (status, if text.is_empty() { Value::Null } else { serde_json::from_str(&text).unwrap_or(Value::String(text)) })
+    crate::support::send_json(&app.client, method, format!("{}{path}", app.base), body, admin.then_some(ADMIN)).await
 }
 
 /// The error code and message of a refusal, for one-line asserts.

@@ -216,3 +216,25 @@ pub fn spawn_hive(cmd: &mut std::process::Command) -> (std::process::Child, Stri
     let _ = child.wait();
     panic!("the hive did not say where it listens");
 }
+
+/// One JSON request: `method url` with an optional bearer token and body; answers the status
+/// and the body as JSON (`Null` when empty, a string when it is not JSON).
+pub async fn send_json(
+    client: &reqwest::Client,
+    method: reqwest::Method,
+    url: String,
+    body: Option<Value>,
+    token: Option<&str>,
+) -> (reqwest::StatusCode, Value) {
+    let mut req = client.request(method, url);
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
+    }
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
+    let r = req.send().await.expect("request");
+    let status = r.status();
+    let text = r.text().await.expect("body");
+    (status, if text.is_empty() { Value::Null } else { serde_json::from_str(&text).unwrap_or(Value::String(text)) })
+}

@@ -17,6 +17,7 @@ use guaca_hive::guest::ssh::{HostKeyPolicy, SshChannel, SshConfig};
 use crate::agents::{Hive, Proc, join_token, start_hive};
 use crate::libvirt_e2e::{script, virsh};
 use crate::support::hive_bin;
+use serde_json::Value;
 
 fn ip(args: &[&str]) -> std::process::Output {
     Command::new("ip").args(args).output().expect("the ip command (iproute2)")
@@ -217,7 +218,14 @@ impl NetNode {
             .spawn()
             .expect("start the libvirt node");
         let domains = Domains { uri: uri.clone(), names: parking_lot::Mutex::new(Vec::new()) };
-        NetNode { _agent: Proc { child }, domains, hive, lab, keys, uri, vm_dir, c, _dir: dir }
+        let n = NetNode { _agent: Proc { child }, domains, hive, lab, keys, uri, vm_dir, c, _dir: dir };
+        // Nothing can be placed before the node has joined and been reconciled.
+        n.until("the libvirt node is ready", Duration::from_secs(60), || async {
+            let nodes: Value = n.c.get(format!("{}/api/v1/nodes", n.hive.base)).send().await.ok()?.json().await.ok()?;
+            nodes.as_array()?.iter().any(|x| x["state"] == "ready").then_some(())
+        })
+        .await;
+        n
     }
 
     /// What to show when a guest does not come up: its serial console and dnsmasq's log.
