@@ -244,7 +244,8 @@ impl Caller {
         }
     }
 
-    fn may_touch(&self, obj: &Object) -> bool {
+    /// Is `obj` this caller's own (an admin: everything)?
+    pub fn may_touch(&self, obj: &Object) -> bool {
         match self {
             Caller::Admin => true,
             Caller::User(u) => *u == obj.owner,

@@ -116,6 +116,21 @@ impl From<&Object> for ObjectView {
     }
 }
 
+impl ObjectView {
+    /// What `caller` sees of `o`. Everyone sees every baseimage, but only its owner (the
+    /// admins) sees how it was configured and its console: the VNC password of a baseimage in
+    /// ConfigInteractive would let any user into the template VM everyone's clones come from.
+    fn for_caller(o: &Object, caller: &Caller) -> ObjectView {
+        let mut v = ObjectView::from(o);
+        if !caller.may_touch(o) {
+            v.console = None;
+            v.runs.clear();
+            v.spec.scripts.clear();
+        }
+        v
+    }
+}
+
 #[derive(Clone)]
 pub struct Lifecycle {
     inner: Arc<Inner>,
@@ -215,11 +230,11 @@ impl Lifecycle {
     // ---- objects ------------------------------------------------------------------------
 
     pub async fn get(&self, caller: &Caller, kind: Kind, id: u64) -> Result<ObjectView, LifecycleError> {
-        Ok(ObjectView::from(self.inner.table.lock().await.book.read(caller, kind, id)?))
+        Ok(ObjectView::for_caller(self.inner.table.lock().await.book.read(caller, kind, id)?, caller))
     }
 
     pub async fn list(&self, caller: &Caller, kind: Kind) -> Vec<ObjectView> {
-        self.inner.table.lock().await.book.list(caller, kind).into_iter().map(ObjectView::from).collect()
+        self.inner.table.lock().await.book.list(caller, kind).into_iter().map(|o| ObjectView::for_caller(o, caller)).collect()
     }
 
     /// An admin registers a baseimage → its Create starts at once.

@@ -12,17 +12,7 @@ use serde_json::{Value, json};
 use crate::support::{ADMIN, TestApp, until};
 
 async fn send(app: &TestApp, method: M, path: &str, body: Option<Value>, token: Option<&str>) -> (StatusCode, Value) {
-    let mut req = app.client.request(method, format!("{}{path}", app.base));
-    if let Some(t) = token {
-        req = req.bearer_auth(t);
-    }
-    if let Some(b) = body {
-        req = req.json(&b);
-    }
-    let r = req.send().await.expect("request");
-    let status = r.status();
-    let text = r.text().await.expect("body");
-    (status, if text.is_empty() { Value::Null } else { serde_json::from_str(&text).unwrap_or(Value::String(text)) })
+    crate::support::send_json(&app.client, method, format!("{}{path}", app.base), body, token).await
 }
 
 fn code(v: &Value) -> &str {
@@ -381,5 +371,28 @@ async fn a_ready_environment_keeps_its_vm_across_a_restart() {
     let dep = ready_deployment(&app, env, &erin).await;
     let (_, d) = send(&app, M::GET, &format!("/api/v1/deployments/{dep}"), None, Some(&erin)).await;
     assert_eq!(d["domain"], domain.as_str(), "the deployment is made on the same VM");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn users_see_baseimages_but_not_their_console_or_configuration() {
+    let app = TestApp::spawn().await;
+    let frank = user(&app, "frank").await;
+    let body = json!({"name": "golden", "template": "desktop", "scripts": ["echo join-password"], "interactive": true});
+    let b = accepted(&app, "/api/v1/baseimages", body, ADMIN).await;
+    let path = format!("/api/v1/baseimages/{}", b["id"].as_u64().expect("id"));
+    let (admin_view, _) = until_phase(&app, &path, "config_interactive", ADMIN).await;
+    assert!(admin_view["console"]["password"].as_str().is_some_and(|p| !p.is_empty()), "the admin configures it: {admin_view}");
+    assert_eq!(admin_view["runs"].as_array().map(Vec::len), Some(1), "{admin_view}");
+    let (s, one) = send(&app, M::GET, &path, None, Some(&frank)).await;
+    let (_, all) = send(&app, M::GET, "/api/v1/baseimages", None, Some(&frank)).await;
+    assert_eq!(s, StatusCode::OK, "baseimages are for everyone: {one}");
+    assert_eq!(all.as_array().map(Vec::len), Some(1), "{all}");
+    for v in [&one, &all[0]] {
+        assert_eq!(v["phase"], "config_interactive", "{v}");
+        assert!(v["console"].is_null(), "a user gets no console into the admins' template VM: {v}");
+        assert_eq!(v["runs"], json!([]), "nor the output of the admins' scripts: {v}");
+        assert_eq!(v["spec"]["scripts"], json!([]), "nor the scripts: {v}");
+    }
     app.stop().await;
 }
