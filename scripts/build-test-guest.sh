@@ -37,6 +37,7 @@ done
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 chmod 755 "$work"
+chown _apt "$work" 2>/dev/null || true
 
 # The kernel: the package linux-image-cloud-amd64 depends on, extracted without installing.
 kpkg="$(apt-cache depends linux-image-cloud-amd64 | awk '/Depends: linux-image-/ {print $2; exit}')"
