@@ -7,7 +7,8 @@
 //! clients send exactly as many `GET /ping` requests as the cycles used, and the two request
 //! rates are compared. While the cycles run, no VM may be held by two handles at once.
 //!
-//! `cargo bench --bench load [-- --clients C --cycles N]` measures (defaults C=8, N=2000).
+//! `cargo bench --bench load [-- --clients C --cycles N]` measures (defaults C=8, N=2000);
+//! `-- --database-url postgres://…/<empty db>` keeps the state in Postgres instead.
 //! Without `--bench` (as `cargo test --benches` runs it) it is a smoke test: C=2, N=20, and it
 //! exits non-zero unless every cycle completed with a VM and the invariant held.
 
@@ -48,6 +49,9 @@ struct Args {
     ready: bool,
     /// `--bench` was passed (by `cargo bench`): measure; otherwise smoke-test.
     bench: bool,
+    /// `--database-url URL`: keep the state there (an empty Postgres database) instead of a
+    /// fresh SQLite file.
+    database_url: Option<String>,
 }
 
 fn parse_args() -> anyhow::Result<Args> {
@@ -56,8 +60,13 @@ fn parse_args() -> anyhow::Result<Args> {
     let ready = argv.iter().any(|a| a == "--ready");
     // A ready batch lasts `READY_BATCH` locks (each lock lowers its size by one).
     let (mut clients, mut cycles) = if bench { (8, if ready { 900 } else { 2_000 }) } else { (2, 20) };
+    let mut database_url = None;
     let mut it = argv.iter();
     while let Some(a) = it.next() {
+        if a == "--database-url" {
+            database_url = Some(it.next().ok_or_else(|| anyhow!("--database-url needs a value"))?.clone());
+            continue;
+        }
         let mut value = |name: &str| -> anyhow::Result<usize> {
             let v = it.next().ok_or_else(|| anyhow!("{name} needs a value"))?;
             let n: usize = v.parse().with_context(|| format!("{name} {v:?}"))?;
@@ -75,7 +84,7 @@ fn parse_args() -> anyhow::Result<Args> {
     if ready && cycles + clients > READY_BATCH as usize - POOL_SIZE as usize {
         bail!("--ready allows at most {} cycles", READY_BATCH as usize - POOL_SIZE as usize - clients);
     }
-    Ok(Args { clients, cycles, ready, bench })
+    Ok(Args { clients, cycles, ready, bench, database_url })
 }
 
 fn main() {
@@ -105,8 +114,8 @@ struct Servers {
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
-async fn start(data_dir: &TempDir) -> anyhow::Result<Servers> {
-    let hive = Hive::start(config(data_dir)).await?;
+async fn start(data_dir: &TempDir, database_url: Option<String>) -> anyhow::Result<Servers> {
+    let hive = Hive::start(HiveConfig { database_url, ..config(data_dir) }).await?;
     let pool = hive.pool("default")?;
     pool.set_size(POOL_SIZE, POOL_SIZE, 60_000).await?;
     until_free(&pool, POOL_SIZE as usize, Duration::from_secs(30)).await.map_err(|e| anyhow!(e))?;
@@ -330,11 +339,11 @@ fn ms(d: Duration) -> String {
 
 /// Ok(true) when every cycle completed and no invariant broke.
 async fn run(args: Args) -> anyhow::Result<bool> {
-    let Args { clients: c, cycles: n, ready, bench } = args;
+    let Args { clients: c, cycles: n, ready, bench, database_url } = args;
     // In the system's temporary directory ($TMPDIR): point it at a tmpfs to see the run
     // without the cost of fsync.
     let dir = TempDir::new()?;
-    let servers = start(&dir).await?;
+    let servers = start(&dir, database_url.clone()).await?;
     let batch = servers.pool.prepare_batch(if ready { READY_BATCH } else { 0 }, "http://bench.invalid/").await?;
     let held = Arc::new(Held::default());
     let mut clients = (0..c).map(|_| client()).collect::<anyhow::Result<Vec<_>>>()?;
