@@ -39,6 +39,7 @@ pub struct HiveConfig {
     pub images: ImagesConfig,
     pub node: NodeConfig,
     pub cloud: CloudConfig,
+    pub coord: CoordConfig,
     /// How long an HTTP handler waits for an actor before answering 503.
     pub call_timeout_ms: u64,
 }
@@ -150,6 +151,7 @@ impl Default for HiveConfig {
             images: ImagesConfig::default(),
             node: NodeConfig::default(),
             cloud: CloudConfig::default(),
+            coord: CoordConfig::default(),
             call_timeout_ms: 5_000,
         }
     }
@@ -195,6 +197,27 @@ impl Default for NodeConfig {
             join_token_ttl_secs: 24 * 3600,
             placement_top_k: 3,
         }
+    }
+}
+
+/// Coordination between hive instances (`coord/`): Redis when `redis_url` is set, else the
+/// in-process coordinator of a single hive.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CoordConfig {
+    /// `redis://[user:password@]host:port[/db]`; a secret, since it may hold a password.
+    #[serde(serialize_with = "redacted")]
+    pub redis_url: Option<SecretString>,
+    /// A pool's lease lasts this long unless renewed; another instance takes the pool over
+    /// this long after its holder died.
+    pub lease_ttl_ms: u64,
+    /// Longest wait for one coordinator call before it fails as unavailable (503).
+    pub op_timeout_ms: u64,
+}
+
+impl Default for CoordConfig {
+    fn default() -> Self {
+        CoordConfig { redis_url: None, lease_ttl_ms: 10_000, op_timeout_ms: 300 }
     }
 }
 
@@ -307,9 +330,25 @@ impl HiveConfig {
         if self.call_timeout_ms == 0 {
             bad.push("call_timeout_ms must be above 0".into());
         }
+        let c = &self.coord;
+        if c.op_timeout_ms == 0 || c.lease_ttl_ms < 3 * c.op_timeout_ms {
+            bad.push(format!(
+                "coord: need 0 < op_timeout_ms ({}) and lease_ttl_ms ({}) at least 3 × op_timeout_ms, so renewals fit in a lease",
+                c.op_timeout_ms, c.lease_ttl_ms
+            ));
+        }
+        if let Some(url) = &c.redis_url {
+            use secrecy::ExposeSecret;
+            if !url.expose_secret().starts_with("redis://") {
+                bad.push("coord.redis_url must start with redis://".into());
+            }
+        }
         if let Some(url) = &self.database_url {
-            if !url.starts_with("sqlite:") {
-                bad.push(format!("database_url: unsupported scheme in {:?} (only sqlite: for now)", url.split(':').next().unwrap_or("")));
+            if !["sqlite:", "postgres:", "postgresql:"].iter().any(|s| url.starts_with(s)) {
+                bad.push(format!(
+                    "database_url: unsupported scheme in {:?} (use sqlite: or postgres:)",
+                    url.split(':').next().unwrap_or("")
+                ));
             }
         }
         if bad.is_empty() { Ok(()) } else { Err(ConfigError::Invalid(bad)) }

@@ -14,6 +14,8 @@
 //!   the rules are `domain::lifecycle`, the backend steps `lifecycle::steps`.
 //! - `membership`: join tokens and node credentials, the rewards ledger, ratings.
 //! - `store`: the `Store` trait and SQLite (all SQL lives here); `StoreWriter` group commits.
+//! - `coord`: coordination between hive instances: pool leases and VM claims with fencing
+//!   tokens; in-process (`local`) or shared through Redis (`redis`).
 //! - `http`: thin warp routes: vmcloud, `/api/v1`, images, nodes, the agents' WebSocket, ops.
 //! - `app`: `Hive`, the control plane assembled from `config`; `ctl`: `hive ctl`; `metrics`.
 
@@ -21,6 +23,7 @@ pub mod actors;
 pub mod agent;
 pub mod app;
 pub mod config;
+pub mod coord;
 pub mod ctl;
 pub mod distribution;
 pub mod domain;

@@ -215,7 +215,7 @@ fn upload_from_row(row: &SqliteRow) -> Result<UploadRecord, StoreError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::open;
+    use crate::store::test_stores::each_store;
 
     fn upload(id: &str, sha: &str) -> UploadRecord {
         UploadRecord {
@@ -242,31 +242,31 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn an_upload_becomes_an_image_in_one_step_and_cannot_be_begun_again() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = open(&format!("sqlite://{}", dir.path().join("hive.db").display())).await.unwrap();
-        let images = store.images().expect("sqlite holds images");
-        let up = upload("u1", "aa");
-        assert_eq!(images.begin_upload(&up).await.unwrap(), BeginUpload::Created(up.clone()));
-        assert!(images.set_received(&up.id, 7).await.unwrap());
-        let again = images.begin_upload(&upload("u2", "aa")).await.unwrap();
-        assert_eq!(again, BeginUpload::Existing(UploadRecord { received: 7, ..up.clone() }), "same content resumes the first upload");
-        assert_eq!(images.uploads().await.unwrap().len(), 1);
+    each_store! {
+        #[tokio::test]
+        async fn an_upload_becomes_an_image_in_one_step_and_cannot_be_begun_again(s) {
+            let images = s.store.images().expect("both stores hold images");
+            let up = upload("u1", "aa");
+            assert_eq!(images.begin_upload(&up).await.unwrap(), BeginUpload::Created(up.clone()));
+            assert!(images.set_received(&up.id, 7).await.unwrap());
+            let again = images.begin_upload(&upload("u2", "aa")).await.unwrap();
+            assert_eq!(again, BeginUpload::Existing(UploadRecord { received: 7, ..up.clone() }), "same content resumes the first upload");
+            assert_eq!(images.uploads().await.unwrap().len(), 1);
 
-        let pieces = vec!["p0".to_string(), "p1".into(), "p2".into()];
-        images.complete_upload(&up.id, &image_of(&up), &pieces).await.unwrap();
-        assert_eq!(images.upload(&up.id).await.unwrap(), None, "the upload is gone with the same commit");
-        assert_eq!(images.images().await.unwrap(), vec![image_of(&up)]);
-        assert_eq!(images.manifest("aa").await.unwrap(), Some(pieces));
-        assert_eq!(images.begin_upload(&upload("u3", "aa")).await.unwrap(), BeginUpload::ImageExists);
-        assert!(images.uploads().await.unwrap().is_empty(), "a refused begin writes nothing");
+            let pieces = vec!["p0".to_string(), "p1".into(), "p2".into()];
+            images.complete_upload(&up.id, &image_of(&up), &pieces).await.unwrap();
+            assert_eq!(images.upload(&up.id).await.unwrap(), None, "the upload is gone with the same commit");
+            assert_eq!(images.images().await.unwrap(), vec![image_of(&up)]);
+            assert_eq!(images.manifest("aa").await.unwrap(), Some(pieces));
+            assert_eq!(images.begin_upload(&upload("u3", "aa")).await.unwrap(), BeginUpload::ImageExists);
+            assert!(images.uploads().await.unwrap().is_empty(), "a refused begin writes nothing");
 
-        assert!(images.delete_image("aa").await.unwrap());
-        assert!(!images.delete_image("aa").await.unwrap());
-        assert_eq!(images.image("aa").await.unwrap(), None);
-        assert_eq!(images.manifest("aa").await.unwrap(), None);
-        assert!(!images.set_received("nope", 1).await.unwrap());
-        assert!(!images.delete_upload("nope").await.unwrap());
+            assert!(images.delete_image("aa").await.unwrap());
+            assert!(!images.delete_image("aa").await.unwrap());
+            assert_eq!(images.image("aa").await.unwrap(), None);
+            assert_eq!(images.manifest("aa").await.unwrap(), None);
+            assert!(!images.set_received("nope", 1).await.unwrap());
+            assert!(!images.delete_upload("nope").await.unwrap());
+        }
     }
 }

@@ -145,47 +145,49 @@ fn from_json<T: serde::de::DeserializeOwned>(r: &SqliteRow, col: &str) -> Result
 mod tests {
     use super::*;
     use crate::domain::lifecycle::{Backend, OsFamily, Protocol, Runtime, Spec, Traits};
+    use crate::store::test_stores::each_store;
 
-    #[tokio::test]
-    async fn users_and_objects_round_trip() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = SqliteStore::open(&format!("sqlite://{}", dir.path().join("t.db").display())).await.unwrap();
-        let u = UserRecord { name: "alice".into(), token_hash: "h1".into(), max_environments: 1, created_at: 5 };
-        assert!(s.add_user(&u).await.unwrap());
-        assert!(!s.add_user(&UserRecord { token_hash: "h2".into(), ..u.clone() }).await.unwrap(), "names are unique");
-        assert!(s.set_max_environments("alice", 3).await.unwrap());
-        assert!(!s.set_max_environments("bob", 3).await.unwrap());
-        assert_eq!(s.users().await.unwrap(), vec![UserRecord { max_environments: 3, ..u }]);
+    each_store! {
+        #[tokio::test]
+        async fn users_and_objects_round_trip(t) {
+            let s = t.store.lifecycle().expect("both stores hold lifecycle rows");
+            let u = UserRecord { name: "alice".into(), token_hash: "h1".into(), max_environments: 1, created_at: 5 };
+            assert!(s.add_user(&u).await.unwrap());
+            assert!(!s.add_user(&UserRecord { token_hash: "h2".into(), ..u.clone() }).await.unwrap(), "names are unique");
+            assert!(s.set_max_environments("alice", 3).await.unwrap());
+            assert!(!s.set_max_environments("bob", 3).await.unwrap());
+            assert_eq!(s.users().await.unwrap(), vec![UserRecord { max_environments: 3, ..u }]);
 
-        let traits = Traits { backend: Backend::Vm, os: OsFamily::Windows, protocol: Protocol::Rdp };
-        let mut o = Object {
-            id: 0,
-            kind: Kind::Baseimage,
-            name: "win".into(),
-            owner: "admin".into(),
-            parent: None,
-            traits,
-            phase: Phase::Create,
-            reason: None,
-            spec: Spec { template: Some("win11".into()), ..Spec::default() },
-            runtime: Runtime::default(),
-            created_at: 1,
-            updated_at: 1,
-        };
-        o.id = s.insert_object(&o).await.unwrap();
-        let child = Object { kind: Kind::Environment, parent: Some(o.id), owner: "alice".into(), ..o.clone() };
-        let child_id = s.insert_object(&child).await.unwrap();
-        assert!(child_id > o.id);
-        o.phase = Phase::Failed;
-        o.reason = Some("boom".into());
-        o.runtime.node = Some(3);
-        assert!(s.update_object(&o).await.unwrap());
-        let all = s.objects().await.unwrap();
-        assert_eq!(all[0], o);
-        assert_eq!(all[1].parent, Some(o.id));
-        assert!(s.delete_object(child_id).await.unwrap());
-        assert!(!s.delete_object(child_id).await.unwrap());
-        let again = s.insert_object(&child).await.unwrap();
-        assert!(again > child_id, "ids are never reused");
+            let traits = Traits { backend: Backend::Vm, os: OsFamily::Windows, protocol: Protocol::Rdp };
+            let mut o = Object {
+                id: 0,
+                kind: Kind::Baseimage,
+                name: "win".into(),
+                owner: "admin".into(),
+                parent: None,
+                traits,
+                phase: Phase::Create,
+                reason: None,
+                spec: Spec { template: Some("win11".into()), ..Spec::default() },
+                runtime: Runtime::default(),
+                created_at: 1,
+                updated_at: 1,
+            };
+            o.id = s.insert_object(&o).await.unwrap();
+            let child = Object { kind: Kind::Environment, parent: Some(o.id), owner: "alice".into(), ..o.clone() };
+            let child_id = s.insert_object(&child).await.unwrap();
+            assert!(child_id > o.id);
+            o.phase = Phase::Failed;
+            o.reason = Some("boom".into());
+            o.runtime.node = Some(3);
+            assert!(s.update_object(&o).await.unwrap());
+            let all = s.objects().await.unwrap();
+            assert_eq!(all[0], o);
+            assert_eq!(all[1].parent, Some(o.id));
+            assert!(s.delete_object(child_id).await.unwrap());
+            assert!(!s.delete_object(child_id).await.unwrap());
+            let again = s.insert_object(&child).await.unwrap();
+            assert!(again > child_id, "ids are never reused");
+        }
     }
 }

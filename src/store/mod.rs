@@ -1,5 +1,5 @@
 //! Durable state: the `Store` trait, the rows it holds and `open`, which picks the
-//! implementation by URL scheme (`sqlite://…` today; Postgres later).
+//! implementation by URL scheme (`sqlite://…`, or `postgres://…` for several hive instances).
 //!
 //! Writes are expressed as `Change`s, row-level upserts and deletes; a slice of them is applied in
 //! one transaction, in order, all or nothing. `StoreWriter` (writer.rs) batches many callers'
@@ -9,10 +9,15 @@
 pub mod images;
 pub mod lifecycle;
 pub mod nodes;
+pub mod postgres;
+mod postgres_rows;
+mod postgres_subs;
 pub mod sqlite;
 mod sqlite_rows;
 pub mod writer;
 
+#[cfg(test)]
+pub(crate) mod test_stores;
 #[cfg(test)]
 mod tests;
 
@@ -26,6 +31,7 @@ use crate::domain::vm::Vm;
 pub use images::ImageStore;
 pub use lifecycle::{LifecycleStore, UserRecord};
 pub use nodes::{NodeStore, Rating};
+pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
 pub use writer::StoreWriter;
 
@@ -51,7 +57,7 @@ impl From<sqlx::Error> for StoreError {
         use sqlx::Error as E;
         match &e {
             E::Io(_) | E::Tls(_) | E::PoolTimedOut | E::PoolClosed | E::WorkerCrashed => StoreError::Unavailable(e.to_string()),
-            E::Database(db) if db.code().is_some_and(|c| is_unavailable_code(&c)) => StoreError::Unavailable(e.to_string()),
+            E::Database(db) if is_unavailable(db.as_ref()) => StoreError::Unavailable(e.to_string()),
             E::Configuration(_) => StoreError::BadUrl(e.to_string()),
             E::Migrate(m) => StoreError::Migrate(m.to_string()),
             _ => StoreError::Query(e.to_string()),
@@ -63,6 +69,24 @@ impl From<sqlx::migrate::MigrateError> for StoreError {
     fn from(e: sqlx::migrate::MigrateError) -> Self {
         StoreError::Migrate(e.to_string())
     }
+}
+
+/// The error says the server cannot serve now (as opposed to "this statement is wrong"). Postgres
+/// reports a SQLSTATE, SQLite a numeric result code.
+fn is_unavailable(db: &dyn sqlx::error::DatabaseError) -> bool {
+    let Some(code) = db.code() else { return false };
+    if db.try_downcast_ref::<sqlx::postgres::PgDatabaseError>().is_some() {
+        is_unavailable_sqlstate(&code)
+    } else {
+        is_unavailable_code(&code)
+    }
+}
+
+/// Postgres SQLSTATEs of that kind: class 08 (connection exception), 53 (insufficient resources:
+/// disk full, out of memory, too many connections) and 57P01-57P03 (admin/crash shutdown, cannot
+/// connect now).
+fn is_unavailable_sqlstate(code: &str) -> bool {
+    code.starts_with("08") || code.starts_with("53") || matches!(code, "57P01" | "57P02" | "57P03")
 }
 
 /// SQLite result codes (primary part of the extended code) that mean "the database cannot be
@@ -227,14 +251,16 @@ pub trait Store: Send + Sync + 'static {
     }
 }
 
-/// Choose the implementation by URL scheme: `sqlite://path/to/file.db` (created if missing).
+/// Choose the implementation by URL scheme: `sqlite://path/to/file.db` (created if missing) or
+/// `postgres://user@host:port/database` (`postgresql://` too; the database must exist).
 /// Runs migrations. Any other scheme is `StoreError::BadUrl` naming the scheme.
 pub async fn open(url: &str) -> Result<Arc<dyn Store>, StoreError> {
     let Some((scheme, _)) = url.split_once(':') else {
-        return Err(StoreError::BadUrl(format!("`{url}` has no scheme; expected sqlite://path/to/file.db")));
+        return Err(StoreError::BadUrl(format!("`{url}` has no scheme; expected sqlite://path/to/file.db or postgres://host/db")));
     };
     match scheme {
         "sqlite" => Ok(Arc::new(SqliteStore::open(url).await?)),
-        other => Err(StoreError::BadUrl(format!("unsupported scheme `{other}`; only sqlite:// is supported"))),
+        "postgres" | "postgresql" => Ok(Arc::new(PostgresStore::open(url).await?)),
+        other => Err(StoreError::BadUrl(format!("unsupported scheme `{other}`; use sqlite:// or postgres://"))),
     }
 }

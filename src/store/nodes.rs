@@ -140,41 +140,48 @@ fn served_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<ServedRecord, sqlx::Er
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::{Change, Store};
+    use crate::store::Change;
+    use crate::store::test_stores::each_store;
 
-    async fn store() -> (tempfile::TempDir, SqliteStore) {
-        let dir = tempfile::tempdir().unwrap();
-        let s = SqliteStore::open(&format!("sqlite://{}", dir.path().join("t.db").display())).await.unwrap();
-        (dir, s)
+    each_store! {
+        #[tokio::test]
+        async fn a_join_token_is_used_once_and_not_after_expiry(t) {
+            let s = t.store.node_rows().expect("both stores hold node rows");
+            s.add_join_token("aa", 0, 1_000).await.unwrap();
+            s.add_join_token("bb", 0, 1_000).await.unwrap();
+            assert!(!s.consume_join_token("zz", 10).await.unwrap(), "unknown");
+            assert!(s.consume_join_token("aa", 10).await.unwrap());
+            s.join_token_used_by("aa", 10_001).await.unwrap();
+            assert!(!s.consume_join_token("aa", 11).await.unwrap(), "used");
+            assert!(!s.consume_join_token("bb", 1_000).await.unwrap(), "expired");
+            assert_eq!(s.max_issued_node_id().await.unwrap(), 10_001, "the id a used token became counts, node row or not");
+        }
     }
 
-    #[tokio::test]
-    async fn a_join_token_is_used_once_and_not_after_expiry() {
-        let (_d, s) = store().await;
-        s.add_join_token("aa", 0, 1_000).await.unwrap();
-        s.add_join_token("bb", 0, 1_000).await.unwrap();
-        assert!(!s.consume_join_token("zz", 10).await.unwrap(), "unknown");
-        assert!(s.consume_join_token("aa", 10).await.unwrap());
-        s.join_token_used_by("aa", 10_001).await.unwrap();
-        assert!(!s.consume_join_token("aa", 11).await.unwrap(), "used");
-        assert!(!s.consume_join_token("bb", 1_000).await.unwrap(), "expired");
-        assert_eq!(s.max_issued_node_id().await.unwrap(), 10_001, "the id a used token became counts, node row or not");
-    }
-
-    #[tokio::test]
-    async fn ledger_rows_overlapping_a_period_and_ratings_once_per_session() {
-        let (_d, s) = store().await;
-        let row =
-            |h: u64, a: u64, b: u64| ServedRecord { node_id: 7, pool: "p".into(), handle: h, vm: h, cores: 2, started_at: a, ended_at: b };
-        s.apply(&[Change::Served(row(1, 0, 100)), Change::Served(row(2, 200, 300))]).await.unwrap();
-        assert_eq!(s.served(7, 50, 150).await.unwrap(), vec![row(1, 0, 100)]);
-        assert_eq!(s.served(7, 0, 1_000).await.unwrap().len(), 2);
-        assert!(s.served(8, 0, 1_000).await.unwrap().is_empty());
-        assert_eq!(s.last_served("p", 2).await.unwrap(), Some(row(2, 200, 300)));
-        assert_eq!(s.last_served("p", 3).await.unwrap(), None);
-        let r = Rating { pool: "p".into(), handle: 1, session_started: 0, node_id: 7, stars: 4, comment: String::new(), created_at: 5 };
-        assert!(s.add_rating(&r).await.unwrap());
-        assert!(!s.add_rating(&Rating { stars: 1, ..r.clone() }).await.unwrap(), "a session is rated once");
-        assert_eq!(s.rating_totals().await.unwrap(), vec![(7, 1, 4)]);
+    each_store! {
+        #[tokio::test]
+        async fn ledger_rows_overlapping_a_period_and_ratings_once_per_session(t) {
+            let s = t.store.node_rows().expect("both stores hold node rows");
+            let row = |h: u64, a: u64, b: u64| ServedRecord {
+                node_id: 7,
+                pool: "p".into(),
+                handle: h,
+                vm: h,
+                cores: 2,
+                started_at: a,
+                ended_at: b,
+            };
+            t.store.apply(&[Change::Served(row(1, 0, 100)), Change::Served(row(2, 200, 300))]).await.unwrap();
+            assert_eq!(s.served(7, 50, 150).await.unwrap(), vec![row(1, 0, 100)]);
+            assert_eq!(s.served(7, 0, 1_000).await.unwrap().len(), 2);
+            assert!(s.served(8, 0, 1_000).await.unwrap().is_empty());
+            assert_eq!(s.last_served("p", 2).await.unwrap(), Some(row(2, 200, 300)));
+            assert_eq!(s.last_served("p", 3).await.unwrap(), None);
+            let r = Rating { pool: "p".into(), handle: 1, session_started: 0, node_id: 7, stars: 4, comment: String::new(), created_at: 5 };
+            assert!(s.add_rating(&r).await.unwrap());
+            assert!(!s.add_rating(&Rating { stars: 1, ..r.clone() }).await.unwrap(), "a session is rated once");
+            assert_eq!(s.rating_totals().await.unwrap(), vec![(7, 1, 4)]);
+            assert_eq!(s.max_issued_node_id().await.unwrap(), 7, "ledger and ratings count");
+        }
     }
 }

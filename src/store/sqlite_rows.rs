@@ -27,12 +27,13 @@ pub(super) struct PoolRow<'a> {
 /// then the order of the changes matters and they are applied one by one.
 #[derive(Default)]
 pub(super) struct Plan<'a> {
-    pools: Vec<PoolRow<'a>>,
-    vms: Vec<(&'a str, &'a Vm)>,
-    batches: Vec<(&'a str, &'a Batch)>,
-    handles: Vec<(&'a str, &'a Handle)>,
-    nodes: Vec<&'a NodeRecord>,
-    deletes: Vec<&'a Change>,
+    // Visible to the store module: the Postgres store runs the same plan with its own statements.
+    pub(super) pools: Vec<PoolRow<'a>>,
+    pub(super) vms: Vec<(&'a str, &'a Vm)>,
+    pub(super) batches: Vec<(&'a str, &'a Batch)>,
+    pub(super) handles: Vec<(&'a str, &'a Handle)>,
+    pub(super) nodes: Vec<&'a NodeRecord>,
+    pub(super) deletes: Vec<&'a Change>,
 }
 
 impl<'a> Plan<'a> {

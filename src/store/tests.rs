@@ -1,20 +1,11 @@
-//! Store behaviour through the public interface (`open` + `Store`), on real SQLite files in a
-//! temporary directory.
+//! Store behaviour through the public interface (`open` + `Store`), each test run twice by
+//! `each_store!`: on a real SQLite file in a temporary directory and on a fresh database of the
+//! local Postgres server.
 
-use std::sync::Arc;
-
-use tempfile::TempDir;
-
+use super::test_stores::{Backend, each_store};
 use super::*;
 use crate::domain::pool::{Batch, Handle, PendingLock, PoolSize, PoolSnapshot};
 use crate::domain::vm::{Placement, Vm, VmAddress, VmState};
-
-async fn temp_store() -> (TempDir, String, Arc<dyn Store>) {
-    let dir = TempDir::new().expect("tempdir");
-    let url = format!("sqlite://{}", dir.path().join("hive.db").display());
-    let store = open(&url).await.expect("open");
-    (dir, url, store)
-}
 
 fn vm(id: u64, state: VmState, batch: Option<u64>) -> Vm {
     let placed = state != VmState::Creating;
@@ -77,96 +68,120 @@ fn stored(name: &str, snapshot: PoolSnapshot) -> StoredPool {
     StoredPool { name: name.into(), snapshot }
 }
 
-#[tokio::test]
-async fn snapshot_round_trips() {
-    let (_dir, _, store) = temp_store().await;
-    assert_eq!(store.kind(), "sqlite");
-    store.ping().await.expect("ping");
-    assert_eq!(store.load_pools().await.expect("load"), vec![]);
+each_store! {
+    #[tokio::test]
+    async fn snapshot_round_trips(s) {
+        let store = s.store.clone();
+        assert_eq!(store.kind(), match s.backend {
+            Backend::Sqlite => "sqlite",
+            Backend::Postgres => "postgres",
+        });
+        store.ping().await.expect("ping");
+        assert_eq!(store.load_pools().await.expect("load"), vec![]);
 
-    let snap = sample();
-    // Written out of name order: loading sorts pools by name.
-    store.apply(&Change::snapshot("zeta", &PoolSnapshot::default())).await.expect("apply");
-    store.apply(&Change::snapshot("alpha", &snap)).await.expect("apply");
-    let loaded = store.load_pools().await.expect("load");
-    assert_eq!(loaded, vec![stored("alpha", snap.clone()), stored("zeta", PoolSnapshot::default())]);
+        let snap = sample();
+        // Written out of name order: loading sorts pools by name.
+        store.apply(&Change::snapshot("zeta", &PoolSnapshot::default())).await.expect("apply");
+        store.apply(&Change::snapshot("alpha", &snap)).await.expect("apply");
+        let loaded = store.load_pools().await.expect("load");
+        assert_eq!(loaded, vec![stored("alpha", snap.clone()), stored("zeta", PoolSnapshot::default())]);
 
-    // Upserts overwrite every column, including back to NULL.
-    let mut changed = snap;
-    changed.size.max = 12;
-    changed.preps.clear();
-    changed.pending.remove(0);
-    changed.vms[3].state = VmState::Error;
-    changed.vms[3].placement = None;
-    changed.vms[3].batch = Some(2);
-    changed.batches[0].vms = vec![3];
-    changed.handles[0].expires_at = None;
-    changed.handles[2].vm = Some(8);
-    store.apply(&Change::snapshot("alpha", &changed)).await.expect("apply");
-    let loaded = store.load_pools().await.expect("load");
-    assert_eq!(loaded[0], stored("alpha", changed));
+        // Upserts overwrite every column, including back to NULL.
+        let mut changed = snap;
+        changed.size.max = 12;
+        changed.preps.clear();
+        changed.pending.remove(0);
+        changed.vms[3].state = VmState::Error;
+        changed.vms[3].placement = None;
+        changed.vms[3].batch = Some(2);
+        changed.batches[0].vms = vec![3];
+        changed.handles[0].expires_at = None;
+        changed.handles[2].vm = Some(8);
+        store.apply(&Change::snapshot("alpha", &changed)).await.expect("apply");
+        let loaded = store.load_pools().await.expect("load");
+        assert_eq!(loaded[0], stored("alpha", changed));
+    }
 }
 
-#[tokio::test]
-async fn row_deletes_remove_only_their_row() {
-    let (_dir, _, store) = temp_store().await;
-    let mut snap = sample();
-    store.apply(&Change::snapshot("p", &snap)).await.expect("apply");
-    store
-        .apply(&[
-            Change::VmDeleted { pool: "p".into(), id: 8 },
-            Change::BatchDeleted { pool: "p".into(), id: 2 },
-            Change::HandleDeleted { pool: "p".into(), id: 1 },
-            Change::VmDeleted { pool: "p".into(), id: 999 }, // absent: not an error
-        ])
-        .await
-        .expect("deletes");
-    snap.vms.retain(|v| v.id != 8);
-    snap.batches.retain(|b| b.id != 2);
-    snap.handles.retain(|h| h.id != 1);
-    assert_eq!(store.load_pools().await.expect("load"), vec![stored("p", snap)]);
+each_store! {
+    #[tokio::test]
+    async fn row_deletes_remove_only_their_row(s) {
+        let store = s.store.clone();
+        let mut snap = sample();
+        store.apply(&Change::snapshot("p", &snap)).await.expect("apply");
+        store
+            .apply(&[
+                Change::VmDeleted { pool: "p".into(), id: 8 },
+                Change::BatchDeleted { pool: "p".into(), id: 2 },
+                Change::HandleDeleted { pool: "p".into(), id: 1 },
+                Change::VmDeleted { pool: "p".into(), id: 999 }, // absent: not an error
+            ])
+            .await
+            .expect("deletes");
+        snap.vms.retain(|v| v.id != 8);
+        snap.batches.retain(|b| b.id != 2);
+        snap.handles.retain(|h| h.id != 1);
+        assert_eq!(store.load_pools().await.expect("load"), vec![stored("p", snap)]);
+    }
 }
 
-#[tokio::test]
-async fn pool_delete_removes_the_pool_and_its_rows() {
-    let (_dir, _, store) = temp_store().await;
-    store.apply(&Change::snapshot("gone", &sample())).await.expect("apply");
-    store.apply(&Change::snapshot("kept", &sample())).await.expect("apply");
-    store.apply(&[Change::PoolDeleted { pool: "gone".into() }]).await.expect("delete");
-    assert_eq!(store.load_pools().await.expect("load"), vec![stored("kept", sample())]);
+each_store! {
+    #[tokio::test]
+    async fn pool_delete_removes_the_pool_and_its_rows(s) {
+        let store = s.store.clone();
+        store.apply(&Change::snapshot("gone", &sample())).await.expect("apply");
+        store.apply(&Change::snapshot("kept", &sample())).await.expect("apply");
+        store.apply(&[Change::PoolDeleted { pool: "gone".into() }]).await.expect("delete");
+        assert_eq!(store.load_pools().await.expect("load"), vec![stored("kept", sample())]);
 
-    // Re-creating the pool starts empty: no orphan rows came back.
-    store.apply(&Change::snapshot("gone", &PoolSnapshot::default())).await.expect("apply");
-    let loaded = store.load_pools().await.expect("load");
-    assert_eq!(loaded[0], stored("gone", PoolSnapshot::default()));
+        // Re-creating the pool starts empty: no orphan rows came back.
+        store.apply(&Change::snapshot("gone", &PoolSnapshot::default())).await.expect("apply");
+        let loaded = store.load_pools().await.expect("load");
+        assert_eq!(loaded[0], stored("gone", PoolSnapshot::default()));
+    }
 }
 
-#[tokio::test]
-async fn apply_is_all_or_nothing() {
-    let (_dir, _, store) = temp_store().await;
-    let mut changes = Change::snapshot("p", &sample());
-    changes.push(Change::Node(node(1)));
-    changes.push(Change::Vm { pool: "no-such-pool".into(), vm: vm(1, VmState::Free, None) });
-    let err = store.apply(&changes).await.expect_err("foreign key violation");
-    assert!(matches!(err, StoreError::Query(_)), "{err:?}");
-    assert_eq!(store.load_pools().await.expect("load"), vec![]);
-    assert_eq!(store.load_nodes().await.expect("load"), vec![]);
+each_store! {
+    #[tokio::test]
+    async fn apply_is_all_or_nothing(s) {
+        let store = s.store.clone();
+        let mut changes = Change::snapshot("p", &sample());
+        changes.push(Change::Node(node(1)));
+        changes.push(Change::Vm { pool: "no-such-pool".into(), vm: vm(1, VmState::Free, None) });
+        let err = store.apply(&changes).await.expect_err("foreign key violation");
+        assert!(matches!(err, StoreError::Query(_)), "{err:?}");
+        assert_eq!(store.load_pools().await.expect("load"), vec![]);
+        assert_eq!(store.load_nodes().await.expect("load"), vec![]);
+    }
 }
 
-#[tokio::test]
-async fn data_survives_reopen() {
-    let (_dir, url, store) = temp_store().await;
-    store.apply(&Change::snapshot("p", &sample())).await.expect("apply");
-    store.apply(&[Change::Node(node(4))]).await.expect("apply");
-    drop(store);
+each_store! {
+    #[tokio::test]
+    async fn data_survives_reopen(s) {
+        let store = s.store.clone();
+        store.apply(&Change::snapshot("p", &sample())).await.expect("apply");
+        store.apply(&[Change::Node(node(4))]).await.expect("apply");
+        drop(store);
+        let url = &s.url;
 
-    let direct = SqliteStore::open(&url).await.expect("reopen runs migrations again");
-    assert_eq!(direct.load_pools().await.expect("load"), vec![stored("p", sample())]);
-    direct.close().await;
+        // Opening directly runs the migrations again, which must be a no-op.
+        match s.backend {
+            Backend::Sqlite => {
+                let direct = SqliteStore::open(url).await.expect("reopen");
+                assert_eq!(direct.load_pools().await.expect("load"), vec![stored("p", sample())]);
+                direct.close().await;
+            }
+            Backend::Postgres => {
+                let direct = PostgresStore::open(url).await.expect("reopen");
+                assert_eq!(direct.load_pools().await.expect("load"), vec![stored("p", sample())]);
+                direct.close().await;
+            }
+        }
 
-    let again = open(&url).await.expect("reopen");
-    assert_eq!(again.load_pools().await.expect("load"), vec![stored("p", sample())]);
-    assert_eq!(again.load_nodes().await.expect("load"), vec![node(4)]);
+        let again = open(url).await.expect("reopen");
+        assert_eq!(again.load_pools().await.expect("load"), vec![stored("p", sample())]);
+        assert_eq!(again.load_nodes().await.expect("load"), vec![node(4)]);
+    }
 }
 
 fn node(id: u64) -> NodeRecord {
@@ -187,27 +202,48 @@ fn node(id: u64) -> NodeRecord {
     }
 }
 
-#[tokio::test]
-async fn nodes_round_trip() {
-    let (_dir, _, store) = temp_store().await;
-    store.apply(&[Change::Node(node(3)), Change::Node(node(1)), Change::Node(node(2))]).await.expect("apply");
-    assert_eq!(store.load_nodes().await.expect("load"), vec![node(1), node(2), node(3)]);
+each_store! {
+    #[tokio::test]
+    async fn nodes_round_trip(s) {
+        let store = s.store.clone();
+        store.apply(&[Change::Node(node(3)), Change::Node(node(1)), Change::Node(node(2))]).await.expect("apply");
+        assert_eq!(store.load_nodes().await.expect("load"), vec![node(1), node(2), node(3)]);
 
-    let mut drained = node(2);
-    drained.state = "draining".into();
-    drained.cores = 8;
-    store.apply(&[Change::Node(drained.clone()), Change::NodeDeleted { id: 3 }]).await.expect("apply");
-    assert_eq!(store.load_nodes().await.expect("load"), vec![node(1), drained]);
+        let mut drained = node(2);
+        drained.state = "draining".into();
+        drained.cores = 8;
+        store.apply(&[Change::Node(drained.clone()), Change::NodeDeleted { id: 3 }]).await.expect("apply");
+        assert_eq!(store.load_nodes().await.expect("load"), vec![node(1), drained]);
+    }
 }
 
 #[tokio::test]
 async fn open_rejects_unknown_schemes_and_memory() {
-    for url in ["postgres://x", "mysql://x/y", "no-scheme-here", "sqlite::memory:", "sqlite://"] {
+    for url in ["mysql://x/y", "no-scheme-here", "sqlite::memory:", "sqlite://", "postgres://db:notaport/hive"] {
         let err = open(url).await.err().unwrap_or_else(|| panic!("{url} opened"));
         assert!(matches!(err, StoreError::BadUrl(_)), "{url}: {err:?}");
     }
-    let err = open("postgres://x").await.err().expect("refused");
-    assert!(err.to_string().contains("postgres"), "{err}");
+    let err = open("mysql://x/y").await.err().expect("refused");
+    assert!(err.to_string().contains("postgres://"), "names what is supported: {err}");
+}
+
+#[tokio::test]
+async fn an_unreachable_postgres_is_unavailable_and_names_the_server() {
+    // Nothing listens on port 1; the password never shows in the error.
+    let err = open("postgresql://hive:s3cret@127.0.0.1:1/hive").await.err().expect("refused");
+    assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
+    assert!(err.to_string().contains("127.0.0.1:1/hive"), "{err}");
+    assert!(!err.to_string().contains("s3cret"), "{err}");
+}
+
+#[test]
+fn postgres_server_states_are_unavailable_and_statement_errors_are_not() {
+    for code in ["08006", "08001", "08P01", "57P01", "57P02", "57P03", "53300", "53100"] {
+        assert!(is_unavailable_sqlstate(code), "{code}");
+    }
+    for code in ["23503", "23505", "42P01", "40001", "57014", "22021"] {
+        assert!(!is_unavailable_sqlstate(code), "{code}");
+    }
 }
 
 #[tokio::test]
@@ -217,30 +253,34 @@ async fn open_reports_a_missing_directory() {
     assert!(err.to_string().contains("/nonexistent-dir"), "{err}");
 }
 
-#[tokio::test]
-async fn a_group_that_repeats_a_row_applies_in_order() {
-    let (_dir, _, store) = temp_store().await;
-    store.apply(&Change::snapshot("p", &PoolSnapshot::default())).await.expect("pool");
-    let p = || "p".to_string();
-    store
-        .apply(&[
-            Change::Vm { pool: p(), vm: vm(1, VmState::Free, None) },
-            Change::Vm { pool: p(), vm: vm(2, VmState::Free, None) },
-            Change::Vm { pool: p(), vm: vm(1, VmState::Error, None) },
-            Change::VmDeleted { pool: p(), id: 2 },
-            Change::Vm { pool: p(), vm: vm(2, VmState::Ready, None) },
-        ])
-        .await
-        .expect("apply");
-    let vms = &store.load_pools().await.expect("load")[0].snapshot.vms;
-    let states: Vec<(u64, VmState)> = vms.iter().map(|v| (v.id, v.state)).collect();
-    assert_eq!(states, vec![(1, VmState::Error), (2, VmState::Ready)]);
+each_store! {
+    #[tokio::test]
+    async fn a_group_that_repeats_a_row_applies_in_order(s) {
+        let store = s.store.clone();
+        store.apply(&Change::snapshot("p", &PoolSnapshot::default())).await.expect("pool");
+        let p = || "p".to_string();
+        store
+            .apply(&[
+                Change::Vm { pool: p(), vm: vm(1, VmState::Free, None) },
+                Change::Vm { pool: p(), vm: vm(2, VmState::Free, None) },
+                Change::Vm { pool: p(), vm: vm(1, VmState::Error, None) },
+                Change::VmDeleted { pool: p(), id: 2 },
+                Change::Vm { pool: p(), vm: vm(2, VmState::Ready, None) },
+            ])
+            .await
+            .expect("apply");
+        let vms = &store.load_pools().await.expect("load")[0].snapshot.vms;
+        let states: Vec<(u64, VmState)> = vms.iter().map(|v| (v.id, v.state)).collect();
+        assert_eq!(states, vec![(1, VmState::Error), (2, VmState::Ready)]);
+    }
 }
 
-#[tokio::test]
-async fn a_large_group_spans_several_statements() {
-    let (_dir, _, store) = temp_store().await;
-    let snap = PoolSnapshot { vms: (1..=1203).map(|i| vm(i, VmState::Free, None)).collect(), ..PoolSnapshot::default() };
-    store.apply(&Change::snapshot("big", &snap)).await.expect("apply");
-    assert_eq!(store.load_pools().await.expect("load")[0].snapshot.vms.len(), 1203);
+each_store! {
+    #[tokio::test]
+    async fn a_large_group_spans_several_statements(s) {
+        let store = s.store.clone();
+        let snap = PoolSnapshot { vms: (1..=1203).map(|i| vm(i, VmState::Free, None)).collect(), ..PoolSnapshot::default() };
+        store.apply(&Change::snapshot("big", &snap)).await.expect("apply");
+        assert_eq!(store.load_pools().await.expect("load")[0].snapshot.vms.len(), 1203);
+    }
 }

@@ -188,12 +188,11 @@ fn last_write_per_row(all: &[Change]) -> Option<Vec<Change>> {
 mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
-    use tempfile::TempDir;
-
     use super::*;
     use crate::domain::pool::PoolSize;
     use crate::domain::vm::Vm;
-    use crate::store::{NodeRecord, StoredPool, open};
+    use crate::store::test_stores::{TestStore, each_store};
+    use crate::store::{NodeRecord, StoredPool};
 
     /// Counts `apply` calls on the way to a real store.
     struct Counting {
@@ -221,11 +220,8 @@ mod tests {
         }
     }
 
-    async fn counting_store() -> (TempDir, Arc<Counting>) {
-        let dir = TempDir::new().expect("tempdir");
-        let url = format!("sqlite://{}", dir.path().join("w.db").display());
-        let inner = open(&url).await.expect("open");
-        (dir, Arc::new(Counting { inner, applies: AtomicUsize::new(0) }))
+    fn counting(t: &TestStore) -> Arc<Counting> {
+        Arc::new(Counting { inner: t.store.clone(), applies: AtomicUsize::new(0) })
     }
 
     fn pool(name: &str) -> Change {
@@ -250,93 +246,101 @@ mod tests {
         p.snapshot.vms.iter().map(|v| v.id).collect()
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-    async fn concurrent_writers_share_commits() {
-        let (_dir, store) = counting_store().await;
-        let writer = StoreWriter::spawn(store.clone());
-        writer.write(vec![pool("g")]).await.expect("pool row");
-        let before = store.applies.load(Ordering::SeqCst);
+    each_store! {
+        #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+        async fn concurrent_writers_share_commits(ts) {
+            let store = counting(&ts);
+            let writer = StoreWriter::spawn(store.clone());
+            writer.write(vec![pool("g")]).await.expect("pool row");
+            let before = store.applies.load(Ordering::SeqCst);
 
-        let mut tasks = Vec::new();
-        for t in 0..50u64 {
-            let writer = writer.clone();
-            tasks.push(tokio::spawn(async move {
-                let mut answers = Vec::new();
-                for i in 0..4u64 {
-                    let (tx, rx) = oneshot::channel();
-                    writer.submit(vec![vm("g", t * 4 + i + 1)], Box::new(move |r| drop(tx.send(r))));
-                    answers.push(rx);
-                }
-                for rx in answers {
-                    rx.await.expect("callback ran").expect("write ok");
-                }
-            }));
-        }
-        for t in tasks {
-            t.await.expect("task");
-        }
+            let mut tasks = Vec::new();
+            for t in 0..50u64 {
+                let writer = writer.clone();
+                tasks.push(tokio::spawn(async move {
+                    let mut answers = Vec::new();
+                    for i in 0..4u64 {
+                        let (tx, rx) = oneshot::channel();
+                        writer.submit(vec![vm("g", t * 4 + i + 1)], Box::new(move |r| drop(tx.send(r))));
+                        answers.push(rx);
+                    }
+                    for rx in answers {
+                        rx.await.expect("callback ran").expect("write ok");
+                    }
+                }));
+            }
+            for t in tasks {
+                t.await.expect("task");
+            }
 
-        let applies = store.applies.load(Ordering::SeqCst) - before;
-        assert!(applies < 200, "200 submissions took {applies} commits; expected grouping");
-        assert_eq!(vm_ids(store.as_ref(), "g").await, (1..=200).collect::<Vec<_>>());
+            let applies = store.applies.load(Ordering::SeqCst) - before;
+            assert!(applies < 200, "200 submissions took {applies} commits; expected grouping");
+            assert_eq!(vm_ids(store.as_ref(), "g").await, (1..=200).collect::<Vec<_>>());
+        }
     }
 
-    #[tokio::test]
-    async fn requests_apply_in_submission_order() {
-        let (_dir, store) = counting_store().await;
-        let writer = StoreWriter::spawn(store.clone());
-        writer.write(vec![pool("p")]).await.expect("pool row");
-        // `join!` polls its futures in order, so the three are submitted in this order.
-        let upsert = writer.write(vec![vm("p", 7)]);
-        let delete = writer.write(vec![Change::VmDeleted { pool: "p".into(), id: 7 }]);
-        let keep = writer.write(vec![vm("p", 8)]);
-        let (a, b, c) = tokio::join!(upsert, delete, keep);
-        a.and(b).and(c).expect("writes ok");
-        assert_eq!(vm_ids(store.as_ref(), "p").await, vec![8]);
-    }
-
-    /// On a current-thread runtime the writer cannot run until the test yields, so all three
-    /// submissions land in one group; the bad one must fail alone.
-    #[tokio::test]
-    async fn a_bad_request_fails_alone() {
-        let (_dir, store) = counting_store().await;
-        let writer = StoreWriter::spawn(store.clone());
-        let ok1 = writer.write(vec![pool("p")]);
-        let bad = writer.write(vec![vm("nope", 1)]);
-        let ok2 = writer.write(vec![vm("p", 1)]);
-        let (ok1, bad, ok2) = tokio::join!(ok1, bad, ok2);
-        assert_eq!(ok1, Ok(()));
-        assert!(matches!(bad, Err(StoreError::Query(_))), "{bad:?}");
-        assert_eq!(ok2, Ok(()));
-        assert_eq!(store.applies.load(Ordering::SeqCst), 4, "one group commit, then three retries");
-        assert_eq!(vm_ids(store.as_ref(), "p").await, vec![1]);
-        assert!(store.load_pools().await.expect("load").iter().all(|p| p.name != "nope"));
-    }
-
-    #[tokio::test]
-    async fn after_a_fenced_failure_the_rest_of_the_sequence_is_not_written() {
-        let (_dir, store) = counting_store().await;
-        let writer = StoreWriter::spawn(store.clone());
-        writer.write(vec![pool("p")]).await.unwrap();
-        let fence = Fence::default();
-        let (tx, mut rx) = mpsc::unbounded_channel();
-        for changes in [vec![vm("nope", 1)], vec![vm("p", 2)], vec![]] {
-            let tx = tx.clone();
-            writer.submit_fenced(
-                changes,
-                fence.clone(),
-                Box::new(move |r| {
-                    let _ = tx.send(r);
-                }),
-            );
+    each_store! {
+        #[tokio::test]
+        async fn requests_apply_in_submission_order(ts) {
+            let store = counting(&ts);
+            let writer = StoreWriter::spawn(store.clone());
+            writer.write(vec![pool("p")]).await.expect("pool row");
+            // `join!` polls its futures in order, so the three are submitted in this order.
+            let upsert = writer.write(vec![vm("p", 7)]);
+            let delete = writer.write(vec![Change::VmDeleted { pool: "p".into(), id: 7 }]);
+            let keep = writer.write(vec![vm("p", 8)]);
+            let (a, b, c) = tokio::join!(upsert, delete, keep);
+            a.and(b).and(c).expect("writes ok");
+            assert_eq!(vm_ids(store.as_ref(), "p").await, vec![8]);
         }
-        assert!(matches!(rx.recv().await, Some(Err(StoreError::Query(_)))));
-        assert_eq!(rx.recv().await, Some(Err(StoreError::Fenced)), "built on the failed change: not written");
-        assert_eq!(rx.recv().await, Some(Err(StoreError::Fenced)), "even an empty barrier is refused");
-        assert!(vm_ids(store.as_ref(), "p").await.is_empty());
-        // Requests without that fence still go through.
-        writer.write(vec![vm("p", 3)]).await.unwrap();
-        assert_eq!(vm_ids(store.as_ref(), "p").await, vec![3]);
+    }
+
+    // On a current-thread runtime the writer cannot run until the test yields, so all three
+    // submissions land in one group; the bad one must fail alone.
+    each_store! {
+        #[tokio::test]
+        async fn a_bad_request_fails_alone(ts) {
+            let store = counting(&ts);
+            let writer = StoreWriter::spawn(store.clone());
+            let ok1 = writer.write(vec![pool("p")]);
+            let bad = writer.write(vec![vm("nope", 1)]);
+            let ok2 = writer.write(vec![vm("p", 1)]);
+            let (ok1, bad, ok2) = tokio::join!(ok1, bad, ok2);
+            assert_eq!(ok1, Ok(()));
+            assert!(matches!(bad, Err(StoreError::Query(_))), "{bad:?}");
+            assert_eq!(ok2, Ok(()));
+            assert_eq!(store.applies.load(Ordering::SeqCst), 4, "one group commit, then three retries");
+            assert_eq!(vm_ids(store.as_ref(), "p").await, vec![1]);
+            assert!(store.load_pools().await.expect("load").iter().all(|p| p.name != "nope"));
+        }
+    }
+
+    each_store! {
+        #[tokio::test]
+        async fn after_a_fenced_failure_the_rest_of_the_sequence_is_not_written(ts) {
+            let store = counting(&ts);
+            let writer = StoreWriter::spawn(store.clone());
+            writer.write(vec![pool("p")]).await.unwrap();
+            let fence = Fence::default();
+            let (tx, mut rx) = mpsc::unbounded_channel();
+            for changes in [vec![vm("nope", 1)], vec![vm("p", 2)], vec![]] {
+                let tx = tx.clone();
+                writer.submit_fenced(
+                    changes,
+                    fence.clone(),
+                    Box::new(move |r| {
+                        let _ = tx.send(r);
+                    }),
+                );
+            }
+            assert!(matches!(rx.recv().await, Some(Err(StoreError::Query(_)))));
+            assert_eq!(rx.recv().await, Some(Err(StoreError::Fenced)), "built on the failed change: not written");
+            assert_eq!(rx.recv().await, Some(Err(StoreError::Fenced)), "even an empty barrier is refused");
+            assert!(vm_ids(store.as_ref(), "p").await.is_empty());
+            // Requests without that fence still go through.
+            writer.write(vec![vm("p", 3)]).await.unwrap();
+            assert_eq!(vm_ids(store.as_ref(), "p").await, vec![3]);
+        }
     }
 
     #[test]
