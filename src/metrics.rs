@@ -45,6 +45,8 @@ fn describe() {
     describe_counter!("hive_store_commits_total", "Group commits to the store, by outcome");
     describe_histogram!("hive_store_commit_seconds", "Duration of one group commit");
     describe_histogram!("hive_store_commit_changes", "Row changes per group commit");
+    describe_counter!("hive_coord_ops_total", "Coordinator operations (leases, VM claims), by op and outcome");
+    describe_histogram!("hive_coord_op_seconds", "Coordinator operation latency (lock latency), by op");
     describe_counter!("hive_node_cache_reads_total", "Piece reads through the nodes' caches as their heartbeats report them, by outcome");
     describe_counter!("hive_cache_reads_total", "Piece reads through a node's cache, by outcome (local_hit, remote_hit, miss, skip)");
     describe_counter!("hive_piece_bytes_total", "Piece bytes moved between nodes and the origin, by direction (down, up)");
@@ -52,6 +54,28 @@ fn describe() {
     describe_counter!("hive_image_upload_bytes_total", "Image upload bytes received and fsynced");
     describe_counter!("hive_image_uploads_total", "Image uploads ended, by outcome (complete, checksum_mismatch, aborted)");
     describe_counter!("hive_image_piece_bytes_total", "Image piece bytes served by the origin");
+    describe_gauge!("hive_pool_size", "A pool's configured size, by bound (min, max)");
+    describe_gauge!("hive_handles", "Handles in a pool, by state (waiting for a VM, assigned)");
+    describe_gauge!("hive_images", "Images the hive holds (complete uploads)");
+    describe_gauge!("hive_image_replicas", "Image replicas on nodes, by state (fetching, ready, failed)");
+    describe_gauge!("hive_lifecycle_objects", "Lifecycle objects, by kind and phase");
+    zero_series();
+}
+
+/// Start the series of fixed label sets at 0, so a dashboard panel of errors or restarts shows
+/// 0 rather than "no data" before the first one happens.
+fn zero_series() {
+    for kind in ["node_registry", "pool_manager", "node", "session"] {
+        counter!("hive_actor_restarts_total", "actor" => kind).increment(0);
+    }
+    counter!("hive_store_commits_total", "outcome" => "error").increment(0);
+    for outcome in ["local_hit", "remote_hit", "miss", "skip"] {
+        counter!("hive_node_cache_reads_total", "outcome" => outcome).increment(0);
+    }
+    for outcome in ["complete", "checksum_mismatch", "aborted"] {
+        counter!("hive_image_uploads_total", "outcome" => outcome).increment(0);
+    }
+    counter!("hive_bad_pieces_total").increment(0);
 }
 
 pub fn vms(pool: &str, states: impl Iterator<Item = VmState>) {
@@ -62,6 +86,18 @@ pub fn vms(pool: &str, states: impl Iterator<Item = VmState>) {
     for s in VmState::ALL {
         gauge!("hive_vms", "pool" => pool.to_string(), "state" => s.name()).set(counts[s.code() as usize] as f64);
     }
+}
+
+/// A pool's configured bounds and its handles (waiting for a VM or assigned to one).
+pub fn pool(pool: &str, size: crate::domain::pool::PoolSize, handles: impl Iterator<Item = bool>) {
+    gauge!("hive_pool_size", "pool" => pool.to_string(), "bound" => "min").set(size.min as f64);
+    gauge!("hive_pool_size", "pool" => pool.to_string(), "bound" => "max").set(size.max as f64);
+    let (mut waiting, mut assigned) = (0u32, 0u32);
+    for has_vm in handles {
+        if has_vm { assigned += 1 } else { waiting += 1 }
+    }
+    gauge!("hive_handles", "pool" => pool.to_string(), "state" => "waiting").set(waiting as f64);
+    gauge!("hive_handles", "pool" => pool.to_string(), "state" => "assigned").set(assigned as f64);
 }
 
 pub fn lock(pool: &str) {
@@ -106,6 +142,10 @@ pub fn http(route: &'static str, status: u16, secs: f64) {
         _ => "5xx",
     };
     counter!("hive_http_requests_total", "route" => route, "status" => class).increment(1);
+    if class != "5xx" {
+        // Start the route's error series at 0 so an error-rate panel reads 0, not "no data".
+        counter!("hive_http_requests_total", "route" => route, "status" => "5xx").increment(0);
+    }
     histogram!("hive_http_request_seconds", "route" => route).record(secs);
 }
 
@@ -113,6 +153,39 @@ pub fn store_commit(ok: bool, changes: usize, secs: f64) {
     counter!("hive_store_commits_total", "outcome" => if ok { "ok" } else { "error" }).increment(1);
     histogram!("hive_store_commit_seconds").record(secs);
     histogram!("hive_store_commit_changes").record(changes as f64);
+}
+
+/// One coordinator operation. `op`: acquire_lease, renew_lease, release_lease, check_fence,
+/// claim_vm, release_vm or ping; `outcome`: ok, refused, lost, taken, unavailable or error.
+pub fn coord_op(op: &'static str, outcome: &'static str, secs: f64) {
+    counter!("hive_coord_ops_total", "op" => op, "outcome" => outcome).increment(1);
+    histogram!("hive_coord_op_seconds", "op" => op).record(secs);
+}
+
+pub fn images(count: usize) {
+    gauge!("hive_images").set(count as f64);
+}
+
+/// Replicas per state over all nodes; every state is set so a series never goes stale.
+pub fn image_replicas(fetching: usize, ready: usize, failed: usize) {
+    for (state, n) in [("fetching", fetching), ("ready", ready), ("failed", failed)] {
+        gauge!("hive_image_replicas", "state" => state).set(n as f64);
+    }
+}
+
+/// Lifecycle objects per kind and phase (every pair set, 0 when empty).
+pub fn lifecycle_objects(objects: impl Iterator<Item = (crate::domain::lifecycle::Kind, crate::domain::lifecycle::Phase)>) {
+    use crate::domain::lifecycle::{Kind, Phase};
+    let mut counts = std::collections::HashMap::<(Kind, Phase), u32>::new();
+    for o in objects {
+        *counts.entry(o).or_default() += 1;
+    }
+    for k in Kind::ALL {
+        for p in Phase::ALL {
+            let n = counts.get(&(k, p)).copied().unwrap_or(0);
+            gauge!("hive_lifecycle_objects", "kind" => k.name(), "phase" => p.name()).set(n as f64);
+        }
+    }
 }
 
 pub fn image_bytes_received(n: u64) {

@@ -178,6 +178,7 @@ impl ImageRegistry {
         };
         self.db()?.complete_upload(&u.id, &image, &pieces).await?;
         crate::metrics::image_upload("complete");
+        self.count_images().await;
         tracing::info!(upload.id = %u.id, image.sha256 = %u.sha256, size, pieces = pieces.len(), "image complete");
         drop(guard);
         self.prune_locks();
@@ -215,6 +216,7 @@ impl ImageRegistry {
         let path = self.inner.dirs.blob(sha256);
         blocking(move || blob::remove(&path)).await.map_err(io_error)?;
         tracing::info!(image.sha256 = %sha256, "image deleted");
+        self.count_images().await;
         drop(guard);
         self.prune_locks();
         Ok(())
@@ -240,6 +242,14 @@ impl ImageRegistry {
     }
 
     // ---- internals ---------------------------------------------------------------------------
+
+    /// Refresh `hive_images`; a failed read leaves the gauge as it was (the caller's work is done).
+    async fn count_images(&self) {
+        let Ok(db) = self.db() else { return };
+        if let Ok(list) = db.images().await {
+            crate::metrics::images(list.len());
+        }
+    }
 
     fn db(&self) -> Result<&dyn ImageStore, ImageError> {
         self.inner.store.images().ok_or(ImageError::NoImageStore)
@@ -301,6 +311,7 @@ impl ImageRegistry {
     async fn sweep(&self) -> Result<(), ImageError> {
         let Ok(db) = self.db() else { return Ok(()) };
         let images: HashSet<String> = db.images().await?.into_iter().map(|i| i.sha256).collect();
+        crate::metrics::images(images.len());
         let uploads = db.uploads().await?;
         let dirs = self.inner.dirs.clone();
         let (blobs, parts) = blocking(move || dirs.contents()).await.map_err(io_error)?;

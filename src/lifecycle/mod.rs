@@ -180,6 +180,7 @@ impl Lifecycle {
         }
         let tokens = users.iter().map(|u| (u.token_hash.clone(), u.name.clone())).collect();
         let book = Book::new(objects, users.into_iter().map(|u| (u.name, u.max_environments)));
+        crate::metrics::lifecycle_objects(book.objects().map(|o| (o.kind, o.phase)));
         let table = tokio::sync::Mutex::new(Table { book, tokens });
         Ok(Lifecycle { inner: Arc::new(Inner { store, nodes, vm, boot_timeout, clock, table }) })
     }
@@ -322,6 +323,7 @@ impl Lifecycle {
         let view = ObjectView::from(&obj);
         let id = obj.id;
         t.book.insert(obj);
+        crate::metrics::lifecycle_objects(t.book.objects().map(|o| (o.kind, o.phase)));
         tokio::spawn(steps::drive(self.clone(), id));
         Ok(view)
     }
@@ -343,7 +345,11 @@ impl Lifecycle {
             tracing::info!(object = id, kind = o.kind.name(), from = before.name(), to = o.phase.name(), "lifecycle phase");
         }
         let view = ObjectView::from(&o);
+        let moved = o.phase != before;
         t.book.insert(o);
+        if moved {
+            crate::metrics::lifecycle_objects(t.book.objects().map(|o| (o.kind, o.phase)));
+        }
         Ok(view)
     }
 
@@ -390,6 +396,7 @@ impl Lifecycle {
         let mut t = self.inner.table.lock().await;
         self.rows()?.delete_object(id).await?;
         t.book.remove(id);
+        crate::metrics::lifecycle_objects(t.book.objects().map(|o| (o.kind, o.phase)));
         tracing::info!(object = id, "lifecycle object deleted");
         Ok(())
     }

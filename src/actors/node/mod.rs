@@ -509,8 +509,17 @@ fn release_everywhere(st: &mut RegistryState, key: &VmKey) {
 
 fn publish(st: &RegistryState) {
     let mut by_state: BTreeMap<&'static str, usize> = BTreeMap::new();
+    let mut replicas = [0usize; 3];
     for e in st.nodes.values() {
         *by_state.entry(e.state.name()).or_default() += 1;
+        for r in e.images.values() {
+            replicas[match r {
+                Replica::Fetching => 0,
+                Replica::Ready { .. } => 1,
+                Replica::Failed { .. } => 2,
+            }] += 1;
+        }
     }
     metrics::nodes(&by_state);
+    metrics::image_replicas(replicas[0], replicas[1], replicas[2]);
 }

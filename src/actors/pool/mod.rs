@@ -408,6 +408,7 @@ async fn apply(me: &ActorRef<PoolMsg>, st: &mut PoolManagerState) -> Result<(), 
     let notices = std::mem::take(&mut st.after_commit);
     if !changes.is_empty() || !notices.is_empty() {
         metrics::vms(st.args.handle.name(), st.pool.vms().map(|v| v.state));
+        metrics::pool(st.args.handle.name(), st.pool.size(), st.pool.handles().map(|h| h.vm.is_some()));
         let me = me.clone();
         let handle = (!changes.is_empty()).then(|| st.args.handle.clone());
         st.submitted += 1;
