@@ -3,7 +3,12 @@
 #   - libvirt (daemon, QEMU driver, headers for the `virt` crate) and QEMU with qemu-img, all
 #     from bookworm-backports so that qemu-system-x86 does not replace the newer qemu-img;
 #   - dnsmasq and sshd (the tests start their own instances on loopback ports);
+#   - redis-server (the coordinator tests start, stop and restart their own on free ports);
+#   - Postgres (Debian's postgresql; postgres-up.sh starts the `main` cluster on 127.0.0.1:5432
+#     with trust auth for user postgres; the store tests create their own databases in it);
 #   - a private libvirtd (its own config and socket under /run/guaca-hive) plus virtlogd;
+#   - Prometheus (`promtool` and the server the metrics test starts on a loopback port; the
+#     system service stays stopped);
 #   - the tiny test guests (a Debian kernel and a busybox initramfs; `tiny-net` adds DHCP and
 #     dropbear, from dropbear-bin), see build-test-guest.sh.
 # Needs root (it runs apt-get). Prints the libvirt URI the tests use.
@@ -24,6 +29,9 @@ command -v ssh-keygen >/dev/null || need+=(openssh-client)
 command -v ip >/dev/null || need+=(iproute2)
 dpkg -s busybox-static >/dev/null 2>&1 || need+=(busybox-static)
 command -v pkg-config >/dev/null || need+=(pkg-config)
+command -v redis-server >/dev/null || need+=(redis-server)
+command -v promtool >/dev/null || need+=(prometheus)
+command -v pg_ctlcluster >/dev/null && command -v psql >/dev/null || need+=(postgresql)
 
 if [ ${#need[@]} -gt 0 ]; then
     if [ "$(id -u)" != 0 ]; then
@@ -53,10 +61,15 @@ SRC
         libvirt-clients libvirt-dev >/dev/null
     apt-get install -y -qq -o Dpkg::Use-Pty=0 \
         dnsmasq-base openssh-server openssh-client iproute2 cpio pkg-config busybox-static \
-        dropbear-bin >/dev/null
+        dropbear-bin redis-server >/dev/null
+    # Without recommends: the node exporter and its service are not wanted here.
+    apt-get install -y -qq -o Dpkg::Use-Pty=0 --no-install-recommends prometheus >/dev/null
+    # Postgres for the store tests; started below by postgres-up.sh, not by the package.
+    apt-get install -y -qq -o Dpkg::Use-Pty=0 postgresql postgresql-client >/dev/null
     if [ $made_policy = 1 ]; then rm -f /usr/sbin/policy-rc.d; fi
 fi
 
+"$here/postgres-up.sh" >/dev/null
 "$here/libvirt-up.sh"
 "$here/build-test-guest.sh" >/dev/null
 "$here/accel.sh" >/dev/null

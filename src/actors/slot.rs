@@ -13,6 +13,9 @@ use tokio::time::Instant;
 pub enum CallError {
     #[error("{0} is not running")]
     Unavailable(&'static str),
+    /// It is down and its supervisor knows why (e.g. it cannot reload from the database).
+    #[error("{0} is down: {1}")]
+    Down(&'static str, String),
     #[error("{0} did not answer in time")]
     Timeout(&'static str),
     /// The actor took the message and then died before answering: the request may or may
@@ -24,15 +27,33 @@ pub enum CallError {
 pub struct Slot<M: Message> {
     what: &'static str,
     tx: watch::Sender<Option<ActorRef<M>>>,
+    /// Why the actor is down, while its supervisor keeps trying to start it.
+    down: parking_lot::Mutex<Option<String>>,
 }
 
 impl<M: Message> Slot<M> {
     pub fn new(what: &'static str) -> Slot<M> {
-        Slot { what, tx: watch::channel(None).0 }
+        Slot { what, tx: watch::channel(None).0, down: parking_lot::Mutex::new(None) }
     }
 
     pub fn set(&self, actor: Option<ActorRef<M>>) {
+        if actor.is_some() {
+            *self.down.lock() = None;
+        }
         self.tx.send_replace(actor);
+    }
+
+    /// Record why the actor could not be started; until a new actor is set, callers that find
+    /// no live actor are told this at once.
+    pub fn set_down(&self, why: impl Into<String>) {
+        *self.down.lock() = Some(why.into());
+    }
+
+    fn unavailable(&self) -> CallError {
+        match self.down.lock().clone() {
+            Some(why) => CallError::Down(self.what, why),
+            None => CallError::Unavailable(self.what),
+        }
     }
 
     pub fn get(&self) -> Option<ActorRef<M>> {
@@ -48,9 +69,14 @@ impl<M: Message> Slot<M> {
                     return Ok(a);
                 }
             }
+            // Its supervisor could not start it and said why: answer at once, not at the
+            // deadline (a restart that merely takes a moment sets no reason).
+            if self.down.lock().is_some() {
+                return Err(self.unavailable());
+            }
             match tokio::time::timeout_at(deadline, rx.changed()).await {
                 Ok(Ok(())) => continue,
-                _ => return Err(CallError::Unavailable(self.what)),
+                _ => return Err(self.unavailable()),
             }
         }
     }
@@ -75,7 +101,7 @@ impl<M: Message> Slot<M> {
                     let mut rx = self.tx.subscribe();
                     let same = rx.borrow_and_update().as_ref().is_some_and(|a| a.get_id() == actor.get_id());
                     if same && tokio::time::timeout_at(deadline, rx.changed()).await.is_err() {
-                        return Err(CallError::Unavailable(self.what));
+                        return Err(self.unavailable());
                     }
                 }
             }

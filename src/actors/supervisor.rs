@@ -116,7 +116,9 @@ impl Actor for HiveSupervisor {
                 if pool.slot().get().is_some() {
                     return Ok(());
                 }
-                restart_pool(&me, st, pool).await?;
+                // A retry after a start that failed: the failure was counted when the manager
+                // died; a dependency that stays down (the database) must not use up the budget.
+                retry_start(&me, st, pool).await;
             }
         }
         Ok(())
@@ -183,12 +185,28 @@ async fn restart_pool(me: &ActorRef<HiveMsg>, st: &mut HiveState, pool: PoolHand
     if !st.restarts.allow(&format!("pool-{}", pool.name()), st.args.template.restart) {
         return Err(format!("pool {} failed too often; giving up", pool.name()).into());
     }
+    retry_start(me, st, pool).await;
+    Ok(())
+}
+
+/// Start a pool manager; if it cannot start (its state cannot be loaded), say why on its slot
+/// and try again a second later, for as long as it takes.
+async fn retry_start(me: &ActorRef<HiveMsg>, st: &mut HiveState, pool: PoolHandle) {
     if let Err(e) = start_pool(me, &st.args, pool.clone()).await {
         tracing::error!(pool = %pool.name(), error = %e, "pool manager did not start; retrying in 1 s");
+        pool.slot().set_down(format!("restarting: {}", start_error(&e)));
         let name = pool.name().to_string();
         me.send_after(Duration::from_secs(1), move || HiveMsg::RestartPool(name));
     }
-    Ok(())
+}
+
+/// The cause inside ractor's "Actor panicked during startup '…'" wrapping.
+fn start_error(e: &ActorProcessingErr) -> String {
+    let text = e.to_string();
+    match (text.find('\''), text.rfind('\'')) {
+        (Some(a), Some(b)) if b > a => text[a + 1..b].to_string(),
+        _ => text,
+    }
 }
 
 async fn start_registry(me: &ActorRef<HiveMsg>, args: &SupervisorArgs) -> Result<(), ActorProcessingErr> {

@@ -63,6 +63,7 @@ pub struct SimHypervisor {
     next: AtomicU64,
     failing_pings: Mutex<HashSet<String>>,
     executed: Mutex<Vec<(String, String)>>,
+    saving: tokio::sync::Mutex<()>,
     state_file: Option<PathBuf>,
 }
 
@@ -85,6 +86,7 @@ impl SimHypervisor {
             next: AtomicU64::new(next),
             failing_pings: Mutex::new(HashSet::new()),
             executed: Mutex::new(Vec::new()),
+            saving: tokio::sync::Mutex::new(()),
             state_file,
         }
     }
@@ -134,6 +136,8 @@ impl SimHypervisor {
 
     async fn save(&self) {
         let Some(path) = &self.state_file else { return };
+        // Saves one at a time, so the newest state is the one left on disk.
+        let _one = self.saving.lock().await;
         let bytes = match serde_json::to_vec(&*self.vms.lock()) {
             Ok(b) => b,
             Err(e) => return tracing::warn!(error = %e, "sim: cannot encode state"),
