@@ -34,6 +34,7 @@ async fn bad_vmcloud_input_is_refused_and_changes_nothing() {
     refused(&app, "POST", "/set-pool-size/1/2/-5", StatusCode::BAD_REQUEST, "invalid_param", "linger").await;
     refused(&app, "POST", "/prepare-batch/-1/h", StatusCode::BAD_REQUEST, "invalid_param", "size").await;
     refused(&app, "POST", "/prepare-batch/1/%FF", StatusCode::BAD_REQUEST, "invalid_param", "homepage").await;
+    refused(&app, "POST", "/prepare-batch/1/http%3A%2F%2Fa%00b", StatusCode::BAD_REQUEST, "invalid_param", "control characters").await;
     refused(&app, "POST", "/lock/999", StatusCode::NOT_FOUND, "unknown_batch", "999").await;
     refused(&app, "POST", "/lock/x", StatusCode::BAD_REQUEST, "invalid_param", "batch").await;
     refused(&app, "POST", "/release/999", StatusCode::NOT_FOUND, "unknown_handle", "999").await;

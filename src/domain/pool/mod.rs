@@ -377,6 +377,10 @@ impl PoolState {
                 reason: format!("{size} is above the largest batch ({})", self.rules.max_batch),
             });
         }
+        // A home page is a URL: no control characters (a NUL would not even fit in Postgres).
+        if home_page.chars().any(char::is_control) {
+            return Err(PoolInputError::Invalid { field: "home_page", reason: "must not contain control characters".into() });
+        }
         let id = self.next_batch;
         self.next_batch += 1;
         let batch = Batch { id, size, profile_name: format!("batch-{id}"), home_page, vms: Vec::new(), mark_delete: false };

@@ -499,3 +499,15 @@ fn restore_drops_pending_locks_without_a_handle() {
     assert_eq!(r.pending().map(|p| p.handle).collect::<Vec<_>>(), vec![h]);
     r.check_invariants().unwrap();
 }
+
+#[test]
+fn a_home_page_with_control_characters_is_refused_and_changes_nothing() {
+    let mut p = pool(1, 2, 0);
+    settle(&mut p, T0);
+    for bad in ["http://a\0b", "http://a\nb", "\u{7f}"] {
+        let err = p.prepare_batch(1, bad.into(), T0).unwrap_err();
+        assert!(matches!(err, PoolInputError::Invalid { field: "home_page", .. }), "{bad:?}: {err:?}");
+    }
+    assert!(p.take_effects().is_empty(), "nothing happened");
+    assert_eq!(p.prepare_batch(1, "http://a".into(), T0).unwrap(), 1, "no batch id was used up");
+}
