@@ -95,7 +95,12 @@ impl<M: Message> Slot<M> {
             match actor.call(&build, Some(left)).await {
                 Ok(CallResult::Success(v)) => return Ok(v),
                 Ok(CallResult::Timeout) => return Err(CallError::Timeout(self.what)),
-                Ok(CallResult::SenderError) => return Err(CallError::Failed(self.what)),
+                Ok(CallResult::SenderError) => {
+                    return Err(match self.down.lock().clone() {
+                        Some(why) => CallError::Down(self.what, why),
+                        None => CallError::Failed(self.what),
+                    });
+                }
                 Err(_) => {
                     // Not delivered: wait for the supervisor to put a new actor in the slot.
                     let mut rx = self.tx.subscribe();

@@ -415,6 +415,7 @@ async fn apply(me: &ActorRef<PoolMsg>, st: &mut PoolManagerState) -> Result<(), 
         let seq = st.submitted;
         note_handles(st, &changes, seq);
         let durable = st.durable.clone();
+        let slot_of = st.args.handle.clone();
         st.args.writer.submit_fenced(
             changes,
             st.fence.clone(),
@@ -427,7 +428,13 @@ async fn apply(me: &ActorRef<PoolMsg>, st: &mut PoolManagerState) -> Result<(), 
                     }
                 }
                 Err(e) => {
-                    // The failed replies are dropped: callers see an error, never an unsaved answer.
+                    // The failed replies are dropped: callers see an error, never an unsaved
+                    // answer, and the error says why.
+                    // A fenced change failed only because an earlier one did: keep that cause.
+                    if e != StoreError::Fenced {
+                        slot_of.slot().set_down(format!("its last change was not saved: {e}"));
+                    }
+                    drop(notices);
                     let _ = me.cast(PoolMsg::PersistFailed(e.to_string()));
                 }
             }),
