@@ -50,6 +50,9 @@ pub enum StoreError {
     WriterGone,
     #[error("not written: an earlier change it depends on failed")]
     Fenced,
+    /// A newer manager of the pool took its fence (the lease moved): this one may not write.
+    #[error("pool {0:?} is now run by a newer manager (its lease moved); not written")]
+    Superseded(String),
 }
 
 impl From<sqlx::Error> for StoreError {
@@ -182,6 +185,13 @@ pub enum Change {
     },
     /// Append a row to the rewards ledger.
     Served(ServedRecord),
+    /// The whole transaction is void unless `pool`'s fencing epoch is still `epoch` (taken with
+    /// `Store::take_fence`): a manager whose lease moved on cannot write after its successor
+    /// loaded the pool. Checked before any other row, under the fence row's lock.
+    Fence {
+        pool: String,
+        epoch: u64,
+    },
 }
 
 impl Change {
@@ -205,6 +215,19 @@ impl Change {
     }
 }
 
+/// The fences among `changes`, deduplicated, in the order they appear.
+pub(crate) fn fences(changes: &[Change]) -> Vec<(&str, u64)> {
+    let mut out: Vec<(&str, u64)> = Vec::new();
+    for c in changes {
+        if let Change::Fence { pool, epoch } = c {
+            if !out.contains(&(pool.as_str(), *epoch)) {
+                out.push((pool.as_str(), *epoch));
+            }
+        }
+    }
+    out
+}
+
 /// Which row a change writes: (table, pool, id). `None` for a pool deletion, which touches
 /// many rows and must keep its place among the changes around it.
 pub type RowKey<'a> = (u8, &'a str, u64);
@@ -223,6 +246,7 @@ impl Change {
             Change::Node(n) => (4, "", n.id),
             Change::NodeDeleted { id } => (4, "", *id),
             Change::Served(r) => (5, r.pool.as_str(), r.handle),
+            Change::Fence { pool, epoch } => (6, pool.as_str(), *epoch),
         })
     }
 }
@@ -234,6 +258,12 @@ pub trait Store: Send + Sync + 'static {
     async fn load_nodes(&self) -> Result<Vec<NodeRecord>, StoreError>;
     /// Apply all changes in one transaction (all or nothing).
     async fn apply(&self, changes: &[Change]) -> Result<(), StoreError>;
+    /// Become `pool`'s newest writer: its fencing epoch becomes the larger of `floor` (the
+    /// lease's token) and the previous epoch + 1, and is answered. From then on, a transaction
+    /// carrying `Change::Fence` with an older epoch is refused as `Superseded`. Rising past the
+    /// stored value even when the lease counter was reset (a Redis without persistence) keeps
+    /// the fence meaningful.
+    async fn take_fence(&self, pool: &str, floor: u64) -> Result<u64, StoreError>;
     /// A cheap round trip, for /readyz.
     async fn ping(&self) -> Result<(), StoreError>;
     fn kind(&self) -> &'static str;

@@ -53,8 +53,20 @@ impl PostgresStore {
         self.pool.close().await;
     }
 
-    async fn apply_once(&self, changes: &[Change]) -> Result<(), sqlx::Error> {
+    /// `Ok(Err(pool))` when a fence refused the transaction (nothing written).
+    async fn apply_once(&self, changes: &[Change]) -> Result<Result<(), String>, sqlx::Error> {
         let mut tx = self.pool.begin().await?;
+        for (pool, epoch) in super::fences(changes) {
+            // The row lock also waits out a successor's take_fence in flight.
+            let checked = sqlx::query("UPDATE pool_fences SET epoch = epoch WHERE pool = $1 AND epoch = $2")
+                .bind(pool)
+                .bind(rows::int(epoch))
+                .execute(&mut *tx)
+                .await?;
+            if checked.rows_affected() != 1 {
+                return Ok(Err(pool.to_string()));
+            }
+        }
         match Plan::of(changes) {
             Some(mut plan) => {
                 sort_plan(&mut plan);
@@ -66,7 +78,7 @@ impl PostgresStore {
                 }
             }
         }
-        tx.commit().await
+        tx.commit().await.map(Ok)
     }
 }
 
@@ -152,9 +164,22 @@ impl Store for PostgresStore {
                     tracing::debug!(attempt, error = %e, "postgres aborted a commit; retrying");
                     attempt += 1;
                 }
-                result => return Ok(result?),
+                Ok(Err(pool)) => return Err(StoreError::Superseded(pool)),
+                result => return Ok(result.map(|_| ())?),
             }
         }
+    }
+
+    async fn take_fence(&self, pool: &str, floor: u64) -> Result<u64, StoreError> {
+        let epoch: i64 = sqlx::query_scalar(
+            "INSERT INTO pool_fences (pool, epoch) VALUES ($1, $2)
+             ON CONFLICT (pool) DO UPDATE SET epoch = GREATEST(pool_fences.epoch + 1, excluded.epoch) RETURNING epoch",
+        )
+        .bind(pool)
+        .bind(rows::int(floor.max(1)))
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(epoch as u64)
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

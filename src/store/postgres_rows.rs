@@ -60,6 +60,8 @@ pub(super) async fn apply_one(conn: &mut PgConnection, change: &Change) -> Resul
         Change::HandleDeleted { pool, id } => sqlx::query("DELETE FROM handles WHERE pool = $1 AND id = $2").bind(pool).bind(int(*id)),
         Change::Node(n) => return upsert_nodes(conn, &[n]).await,
         Change::NodeDeleted { id } => sqlx::query("DELETE FROM nodes WHERE id = $1").bind(int(*id)),
+        // Checked by `apply_once` before anything else.
+        Change::Fence { .. } => return Ok(()),
         Change::Served(r) => {
             sqlx::query("INSERT INTO served (node_id, pool, handle, vm, cores, started_at, ended_at) VALUES ($1, $2, $3, $4, $5, $6, $7)")
                 .bind(int(r.node_id))

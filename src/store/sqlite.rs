@@ -128,6 +128,16 @@ impl Store for SqliteStore {
         // IMMEDIATE takes the write lock up front (waiting up to busy_timeout) instead of
         // failing with SQLITE_BUSY when a read transaction has to be upgraded.
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        for (pool, epoch) in super::fences(changes) {
+            let checked = sqlx::query("UPDATE pool_fences SET epoch = epoch WHERE pool = ? AND epoch = ?")
+                .bind(pool)
+                .bind(int(epoch))
+                .execute(&mut *tx)
+                .await?;
+            if checked.rows_affected() != 1 {
+                return Err(StoreError::Superseded(pool.to_string()));
+            }
+        }
         match Plan::of(changes) {
             // Each row at most once: one statement per table.
             Some(plan) => plan.run(&mut tx).await?,
@@ -140,6 +150,18 @@ impl Store for SqliteStore {
         }
         tx.commit().await?;
         Ok(())
+    }
+
+    async fn take_fence(&self, pool: &str, floor: u64) -> Result<u64, StoreError> {
+        let epoch: i64 = sqlx::query_scalar(
+            "INSERT INTO pool_fences (pool, epoch) VALUES (?, ?)
+             ON CONFLICT(pool) DO UPDATE SET epoch = max(pool_fences.epoch + 1, excluded.epoch) RETURNING epoch",
+        )
+        .bind(pool)
+        .bind(int(floor.max(1)))
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(epoch as u64)
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
@@ -186,6 +208,8 @@ pub(super) async fn apply_one(conn: &mut SqliteConnection, change: &Change) -> R
         Change::HandleDeleted { pool, id } => sqlx::query("DELETE FROM handles WHERE pool = ? AND id = ?").bind(pool).bind(int(*id)),
         Change::Node(n) => return rows::upsert_nodes(conn, &[n]).await,
         Change::NodeDeleted { id } => sqlx::query("DELETE FROM nodes WHERE id = ?").bind(int(*id)),
+        // Checked by `apply` before anything else.
+        Change::Fence { .. } => return Ok(()),
         Change::Served(r) => {
             sqlx::query("INSERT INTO served (node_id, pool, handle, vm, cores, started_at, ended_at) VALUES (?, ?, ?, ?, ?, ?, ?)")
                 .bind(int(r.node_id))

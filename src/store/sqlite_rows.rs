@@ -53,6 +53,8 @@ impl<'a> Plan<'a> {
                 Change::Handle { pool, handle } => plan.handles.push((pool, handle)),
                 Change::Node(n) => plan.nodes.push(n),
                 Change::PoolDeleted { .. } => unreachable!("row() is None for it"),
+                // Checked by the store's `apply` before the plan runs.
+                Change::Fence { .. } => {}
                 Change::VmDeleted { .. }
                 | Change::BatchDeleted { .. }
                 | Change::HandleDeleted { .. }

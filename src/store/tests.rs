@@ -284,3 +284,27 @@ each_store! {
         assert_eq!(store.load_pools().await.expect("load")[0].snapshot.vms.len(), 1203);
     }
 }
+
+each_store! {
+    #[tokio::test]
+    async fn a_superseded_fence_voids_the_whole_transaction(s) {
+        let store = s.store.clone();
+        store.apply(&Change::snapshot("p", &PoolSnapshot::default())).await.expect("pool");
+        let old = store.take_fence("p", 3).await.expect("take");
+        assert_eq!(old, 3, "the first epoch is the lease's token");
+        let fenced = |epoch| vec![Change::Fence { pool: "p".into(), epoch }, Change::Vm { pool: "p".into(), vm: vm(7, VmState::Free, None) }];
+        store.apply(&fenced(old)).await.expect("the current epoch writes");
+
+        // A successor with a smaller lease token (a reset lease counter) still rises past it.
+        let new = store.take_fence("p", 1).await.expect("take again");
+        assert_eq!(new, old + 1);
+        let mut stale = fenced(old);
+        stale.push(Change::Vm { pool: "p".into(), vm: vm(8, VmState::Free, None) });
+        assert_eq!(store.apply(&stale).await, Err(StoreError::Superseded("p".into())));
+        let ids: Vec<u64> = store.load_pools().await.expect("load")[0].snapshot.vms.iter().map(|v| v.id).collect();
+        assert_eq!(ids, vec![7], "nothing of the stale transaction was written");
+        store.apply(&fenced(new)).await.expect("the new epoch writes");
+        // Another pool's fence is its own.
+        assert_eq!(store.take_fence("q", 9).await.expect("q"), 9);
+    }
+}

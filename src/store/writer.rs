@@ -212,6 +212,9 @@ mod tests {
             self.applies.fetch_add(1, Ordering::SeqCst);
             self.inner.apply(changes).await
         }
+        async fn take_fence(&self, pool: &str, floor: u64) -> Result<u64, StoreError> {
+            self.inner.take_fence(pool, floor).await
+        }
         async fn ping(&self) -> Result<(), StoreError> {
             self.inner.ping().await
         }
@@ -369,6 +372,9 @@ mod tests {
         }
         async fn apply(&self, _: &[Change]) -> Result<(), StoreError> {
             panic!("simulated store bug")
+        }
+        async fn take_fence(&self, _: &str, floor: u64) -> Result<u64, StoreError> {
+            Ok(floor)
         }
         async fn ping(&self) -> Result<(), StoreError> {
             Ok(())
