@@ -14,6 +14,7 @@ use crate::actors::pool::{PoolError, PoolHandle};
 use crate::actors::supervisor::{HiveHandle, HiveSupervisor, PoolDirectory, PoolTemplate, SupervisorArgs};
 use crate::actors::{Clock, RestartPolicy};
 use crate::config::HiveConfig;
+use crate::coord::Coordinator;
 use crate::domain::NodeId;
 use crate::domain::node::{AdminState, NodeClass};
 use crate::domain::pool::PoolSize;
@@ -50,6 +51,8 @@ struct HiveInner {
     sims: Vec<(NodeId, Arc<SimHypervisor>)>,
     metrics: Option<PrometheusHandle>,
     clock: Clock,
+    coord: Arc<dyn Coordinator>,
+    instance: String,
     stopped: tokio::sync::watch::Receiver<bool>,
 }
 
@@ -71,6 +74,21 @@ impl Hive {
         let stored = writer.store().load_nodes().await?;
         let (sims, node_specs) = simulated_nodes(&config, &stored, &writer, clock).await?;
 
+        let coord = crate::coord::from_config(&config.coord).map_err(|e| HiveError::Start(e.to_string()))?;
+        if coord.kind() != "local" && (config.sim.nodes > 0 || config.cloud.nodes > 0) {
+            // A pool moves to another instance when its lease does; VMs on a simulator inside
+            // this process would be lost to it.
+            return Err(HiveError::Start(
+                "simulated nodes (sim.nodes, cloud.nodes) live inside one process and cannot serve several instances: \
+                 set them to 0 and run `hive node --driver sim --hive <every instance>` agents instead"
+                    .into(),
+            ));
+        }
+        if coord.kind() != "local" && config.database_url().starts_with("sqlite:") {
+            tracing::warn!("a Redis coordinator with a SQLite store: several instances need a shared Postgres database");
+        }
+        let instance = instance_id(&config);
+        tracing::info!(coordinator = coord.kind(), %instance, "coordination");
         let restart = RestartPolicy { max: config.supervision.max_restarts, window: Duration::from_secs(config.supervision.window_secs) };
         let pools = PoolDirectory::default();
         let template = PoolTemplate {
@@ -96,6 +114,9 @@ impl Hive {
             default_size: config.pool.default_size,
             node_timings: timings,
             placement_top_k: config.node.placement_top_k,
+            coord: coord.clone(),
+            instance: instance.clone(),
+            lease_ttl: Duration::from_millis(config.coord.lease_ttl_ms),
         };
         let (actor, join) = Actor::spawn(None, HiveSupervisor, args).await.map_err(|e| HiveError::Start(e.to_string()))?;
         let (tx, stopped) = tokio::sync::watch::channel(false);
@@ -126,8 +147,24 @@ impl Hive {
                 metrics,
                 clock,
                 stopped,
+                coord,
+                instance,
             }),
         })
+    }
+
+    pub fn coordinator(&self) -> &Arc<dyn Coordinator> {
+        &self.inner.coord
+    }
+
+    /// This process among the hive's instances: `<advertised URL>#<random>`.
+    pub fn instance(&self) -> &str {
+        &self.inner.instance
+    }
+
+    /// The base URL the other instances forward to this one at.
+    pub fn advertised_url(&self) -> &str {
+        crate::actors::supervisor::instance_url(&self.inner.instance)
     }
 
     pub fn config(&self) -> &HiveConfig {
@@ -269,4 +306,13 @@ async fn simulated_nodes(
     }
     writer.write(records).await?;
     Ok((sims, specs))
+}
+
+/// `<advertised URL>#<random>`: the URL for forwarding, the random part so that an instance
+/// restarted at the same address is a new lease holder.
+fn instance_id(config: &HiveConfig) -> String {
+    use rand::Rng;
+    let url = config.coord.advertise_url.clone().unwrap_or_else(|| format!("http://{}", config.listen));
+    let nonce: u64 = rand::rng().random();
+    format!("{}#{nonce:016x}", url.trim_end_matches('/'))
 }

@@ -213,11 +213,15 @@ pub struct CoordConfig {
     pub lease_ttl_ms: u64,
     /// Longest wait for one coordinator call before it fails as unavailable (503).
     pub op_timeout_ms: u64,
+    /// The base URL at which the other instances reach this one, to forward requests for the
+    /// pools it runs. Default: `http://<listen address>` (set it when listening on 0.0.0.0
+    /// or behind NAT).
+    pub advertise_url: Option<String>,
 }
 
 impl Default for CoordConfig {
     fn default() -> Self {
-        CoordConfig { redis_url: None, lease_ttl_ms: 10_000, op_timeout_ms: 300 }
+        CoordConfig { redis_url: None, lease_ttl_ms: 10_000, op_timeout_ms: 300, advertise_url: None }
     }
 }
 

@@ -47,6 +47,8 @@ fn describe() {
     describe_histogram!("hive_store_commit_changes", "Row changes per group commit");
     describe_counter!("hive_coord_ops_total", "Coordinator operations (leases, VM claims), by op and outcome");
     describe_histogram!("hive_coord_op_seconds", "Coordinator operation latency (lock latency), by op");
+    describe_counter!("hive_pool_lease_changes_total", "Pool leases this instance took (acquired) or gave up (lost), by pool");
+    describe_gauge!("hive_pool_leases_held", "Pools whose manager runs on this instance (1) or elsewhere (0), by pool");
     describe_counter!("hive_node_cache_reads_total", "Piece reads through the nodes' caches as their heartbeats report them, by outcome");
     describe_counter!("hive_cache_reads_total", "Piece reads through a node's cache, by outcome (local_hit, remote_hit, miss, skip)");
     describe_counter!("hive_piece_bytes_total", "Piece bytes moved between nodes and the origin, by direction (down, up)");
@@ -160,6 +162,11 @@ pub fn store_commit(ok: bool, changes: usize, secs: f64) {
 pub fn coord_op(op: &'static str, outcome: &'static str, secs: f64) {
     counter!("hive_coord_ops_total", "op" => op, "outcome" => outcome).increment(1);
     histogram!("hive_coord_op_seconds", "op" => op).record(secs);
+}
+
+pub fn lease_change(pool: &str, change: &'static str) {
+    counter!("hive_pool_lease_changes_total", "pool" => pool.to_string(), "change" => change).increment(1);
+    gauge!("hive_pool_leases_held", "pool" => pool.to_string()).set(if change == "acquired" { 1.0 } else { 0.0 });
 }
 
 pub fn images(count: usize) {

@@ -130,6 +130,8 @@ struct PoolDetail {
     vm_list: Vec<VmView>,
     batch_list: Vec<BatchView>,
     queue: Vec<u64>,
+    /// The instance that runs the pool's manager (and answered this).
+    served_by: String,
 }
 
 // ---- pools --------------------------------------------------------------------------------
@@ -154,10 +156,28 @@ struct Resize {
     linger: Option<u64>,
 }
 
+/// Every pool, wherever its manager runs; one that cannot be reached is listed with the error
+/// rather than failing the whole list.
 pub async fn list_pools(hive: Hive) -> ApiResult {
     let mut out = Vec::new();
     for p in hive.pools() {
-        out.push(summary(p.name(), &p.status().await?));
+        if p.running() || hive.coordinator().kind() == "local" {
+            let mut row = serde_json::to_value(summary(p.name(), &p.status().await?)).unwrap_or_default();
+            row["served_by"] = hive.advertised_url().into();
+            out.push(row);
+            continue;
+        }
+        match super::forward::get_json(&hive, p.name(), &format!("/api/v1/pools/{}", p.name())).await {
+            Ok(mut row) => {
+                if let Some(o) = row.as_object_mut() {
+                    for detail in ["vm_list", "batch_list", "queue"] {
+                        o.remove(detail);
+                    }
+                }
+                out.push(row);
+            }
+            Err(e) => out.push(serde_json::json!({"name": p.name(), "error": e})),
+        }
     }
     Ok(reply::json(&out))
 }
@@ -177,6 +197,7 @@ pub async fn show_pool(hive: Hive, name: String) -> ApiResult {
         vm_list: s.vms.iter().map(VmView::from).collect(),
         batch_list: s.batches.iter().map(BatchView::from).collect(),
         queue: s.preps.clone(),
+        served_by: hive.advertised_url().to_string(),
     };
     Ok(reply::json(&detail))
 }

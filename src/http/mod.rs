@@ -15,6 +15,7 @@ mod agent;
 mod api;
 mod auth;
 mod error;
+pub mod forward;
 mod images;
 mod lifecycle;
 mod nodes;
@@ -54,6 +55,8 @@ async fn timed(route: &'static str, handler: impl Future<Output = ApiResult>) ->
 /// All routes, with rejections turned into JSON errors and CORS headers on everything.
 pub fn routes(hive: Hive) -> BoxedFilter<(Response,)> {
     preflight()
+        .or(forward::route(hive.clone()))
+        .unify()
         .or(vmcloud_routes(hive.clone()))
         .unify()
         .or(api_routes(hive.clone()))
@@ -238,7 +241,7 @@ async fn recover(err: Rejection) -> Result<Response, Infallible> {
         ApiError::NoRoute
     } else if err.find::<warp::reject::MethodNotAllowed>().is_some() {
         ApiError::MethodNotAllowed
-    } else if err.find::<warp::reject::PayloadTooLarge>().is_some() {
+    } else if err.find::<warp::reject::PayloadTooLarge>().is_some() || err.find::<forward::TooLarge>().is_some() {
         ApiError::BadBody(format!("larger than {BODY_LIMIT} bytes"))
     } else if err.find::<warp::reject::LengthRequired>().is_some() {
         ApiError::BadBody("a Content-Length header is required".into())

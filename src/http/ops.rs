@@ -40,7 +40,9 @@ pub fn routes(hive: Hive) -> BoxedFilter<(Response,)> {
 
 async fn readyz(hive: Hive) -> ApiResult {
     hive.ready().await?;
-    Ok(reply::json(&json!({"status": "ready", "store": "ok"})))
+    let coord = hive.coordinator();
+    coord.ping().await.map_err(|e| super::ApiError::Unavailable(format!("coordinator ({}): {e}", coord.kind())))?;
+    Ok(reply::json(&json!({"status": "ready", "store": "ok", "coordinator": coord.kind()})))
 }
 
 fn render_metrics(hive: Hive) -> Response {

@@ -53,6 +53,18 @@ pub(super) async fn run_effect(
             tokio::spawn(async move { destroy_domain(&nodes, &k, &placement, None).await });
         }
         Effect::Assigned { handle, vm, locked_at } => {
+            match super::claims::claim(st, vm, handle).await {
+                Ok(c) => {
+                    st.claims.insert(vm, c);
+                }
+                // Without the claim the assignment must not be committed: the manager stops
+                // before this commit and starts again from the store once the coordinator
+                // answers (or its lease is confirmed).
+                Err(e) => {
+                    st.stopping.get_or_insert_with(|| format!("cannot claim VM {vm} for handle {handle}: {e}"));
+                    return Ok(());
+                }
+            }
             let events = st.args.handle.events().clone();
             let waiters = st.waiters.remove(&handle).unwrap_or_default();
             let v = view(&st.pool, handle).ok();
@@ -90,6 +102,7 @@ pub(super) async fn run_effect(
                 metrics::release(&pool_name);
             }
             st.locked_at.remove(&handle);
+            super::claims::release(st, handle);
             let events = st.args.handle.events().clone();
             let waiters = st.waiters.remove(&handle).unwrap_or_default();
             st.after_commit.push(Box::new(move || {

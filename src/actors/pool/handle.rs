@@ -48,6 +48,11 @@ impl PoolHandle {
         &self.inner.events
     }
 
+    /// Whether this pool's manager runs in this process now.
+    pub fn running(&self) -> bool {
+        self.inner.slot.get().is_some()
+    }
+
     pub(crate) fn slot(&self) -> &Slot<PoolMsg> {
         &self.inner.slot
     }

@@ -17,6 +17,7 @@ use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, Supervi
 use crate::actors::node::{NodeRegistryHandle, VmKey};
 use crate::actors::session::{SessionActor, SessionArgs, SessionMsg};
 use crate::actors::{CallError, Clock, RestartLog, RestartPolicy};
+mod claims;
 mod effects;
 mod handle;
 
@@ -125,6 +126,8 @@ pub enum PoolMsg {
         domains: BTreeSet<String>,
     },
     PersistFailed(String),
+    /// Stop without failing: see `claims::stop_for`.
+    Superseded(String),
     Crash,
     CrashSession(VmId),
 }
@@ -140,6 +143,10 @@ pub struct PoolArgs {
     pub ping_interval: Duration,
     pub restart: RestartPolicy,
     pub clock: Clock,
+    /// Claims on VMs go through it; `lease` is the token of the pool's lease this manager runs
+    /// under, the floor of the fencing epoch it takes in the store.
+    pub coord: Arc<dyn crate::coord::Coordinator>,
+    pub lease: u64,
 }
 
 pub struct PoolManager;
@@ -170,6 +177,14 @@ pub struct PoolManagerState {
     handle_written: HashMap<HandleId, u64>,
     /// Rows that are not pool state (the rewards ledger), written with the next commit.
     ledger: Vec<Change>,
+    /// This manager's fencing epoch: every commit carries it, and the store refuses it once a
+    /// newer manager of the pool (on any instance) has taken the fence.
+    epoch: u64,
+    /// The coordinator's claim on each VM handed to a handle.
+    claims: HashMap<VmId, crate::coord::Claim>,
+    /// Set by an effect that cannot be carried out safely (no claim): the manager stops before
+    /// committing the event's changes.
+    stopping: Option<String>,
 }
 
 impl Actor for PoolManager {
@@ -179,6 +194,9 @@ impl Actor for PoolManager {
 
     async fn pre_start(&self, me: ActorRef<PoolMsg>, args: PoolArgs) -> Result<PoolManagerState, ActorProcessingErr> {
         let name = args.handle.name().to_string();
+        // The fence first: from here on a previous holder's writes are refused, so what is
+        // loaded next is final.
+        let epoch = args.writer.store().take_fence(&name, args.lease).await?;
         let stored = args.writer.store().load_pools().await?.into_iter().find(|p| p.name == name);
         let snap = stored.map(|p| p.snapshot).ok_or_else(|| format!("pool {name} is not in the store"))?;
         let pool = PoolState::restore(args.rules, snap, args.clock.now());
@@ -198,7 +216,11 @@ impl Actor for PoolManager {
             durable: Arc::default(),
             handle_written: HashMap::new(),
             ledger: Vec::new(),
+            epoch,
+            claims: HashMap::new(),
+            stopping: None,
         };
+        claims::restore(&mut st).await?;
         // Suspect, draining and dead nodes, as the registry sees them now.
         match st.args.nodes.uses().await {
             Ok(uses) => {
@@ -332,6 +354,12 @@ impl Actor for PoolManager {
             PoolMsg::PersistFailed(why) => {
                 return Err(format!("pool {} could not persist its state: {why}", st.args.handle.name()).into());
             }
+            PoolMsg::Superseded(why) => {
+                // Not a failure of this actor: its lease moved, or its coordinator is away. The
+                // supervisor starts it again once the lease is confirmed.
+                st.args.handle.slot().set_down(why.clone());
+                me.stop(Some(why));
+            }
             PoolMsg::Crash => panic!("injected pool manager crash ({})", st.args.handle.name()),
             PoolMsg::CrashSession(vm) => {
                 if let Some(s) = st.sessions.get(&vm) {
@@ -404,7 +432,18 @@ async fn apply(me: &ActorRef<PoolMsg>, st: &mut PoolManagerState) -> Result<(), 
     for effect in st.pool.take_effects() {
         run_effect(me, st, effect, now).await?;
     }
-    let changes = changes(st);
+    if let Some(why) = st.stopping.take() {
+        // Nothing of this event is committed and no reply of it is sent: callers are told why.
+        tracing::warn!(pool = %st.args.handle.name(), reason = %why, "pool manager stopping");
+        st.args.handle.slot().set_down(why.clone());
+        st.after_commit.clear();
+        me.stop(Some(why));
+        return Ok(());
+    }
+    let mut changes = changes(st);
+    if !changes.is_empty() {
+        changes.insert(0, Change::Fence { pool: st.args.handle.name().to_string(), epoch: st.epoch });
+    }
     let notices = std::mem::take(&mut st.after_commit);
     if !changes.is_empty() || !notices.is_empty() {
         metrics::vms(st.args.handle.name(), st.pool.vms().map(|v| v.state));
@@ -435,7 +474,10 @@ async fn apply(me: &ActorRef<PoolMsg>, st: &mut PoolManagerState) -> Result<(), 
                         slot_of.slot().set_down(format!("its last change was not saved: {e}"));
                     }
                     drop(notices);
-                    let _ = me.cast(PoolMsg::PersistFailed(e.to_string()));
+                    let _ = me.cast(match e {
+                        StoreError::Superseded(_) => PoolMsg::Superseded(e.to_string()),
+                        e => PoolMsg::PersistFailed(e.to_string()),
+                    });
                 }
             }),
         );

@@ -1,7 +1,12 @@
 //! `HiveSupervisor`: the root of the actor tree. It starts the node registry and one pool
 //! manager per stored pool, keeps the directory of pools that HTTP handlers look names up in,
 //! and restarts a failed child from the store (at most N times in T, then it fails itself,
-//! which ends the process with an error rather than leaving it half alive).
+//! which ends the process with an error rather than leaving it half alive). A pool's manager
+//! runs only under the pool's lease (`leases.rs`).
+
+mod leases;
+
+pub use leases::instance_url;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -13,6 +18,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent
 use super::node::{NodeRegistry, NodeRegistryHandle, NodeSpec, RegistryArgs, remote_spec};
 use super::pool::{PoolArgs, PoolError, PoolHandle, PoolManager, PoolMsg};
 use super::{Clock, RestartLog, RestartPolicy, Slot};
+use crate::coord::Coordinator;
 use crate::domain::node::NodeTimings;
 use crate::domain::pool::{PoolRules, PoolSize};
 use crate::drivers::VmSpec;
@@ -32,6 +38,15 @@ impl PoolDirectory {
 
     pub fn list(&self) -> Vec<PoolHandle> {
         self.pools.read().values().cloned().collect()
+    }
+
+    fn remove(&self, name: &str) {
+        self.pools.write().remove(name);
+    }
+
+    /// A pool made by another instance, learnt from the store.
+    fn insert_if_absent(&self, name: &str, timeout: Duration) {
+        self.pools.write().entry(name.to_string()).or_insert_with(|| PoolHandle::new(name, timeout));
     }
 }
 
@@ -56,6 +71,10 @@ pub struct SupervisorArgs {
     pub node_timings: NodeTimings,
     /// Placement picks at random among this many best-weighted nodes.
     pub placement_top_k: usize,
+    pub coord: Arc<dyn Coordinator>,
+    /// This process among the hive's instances (see `leases::Leases::instance`).
+    pub instance: String,
+    pub lease_ttl: Duration,
 }
 
 pub enum HiveMsg {
@@ -70,6 +89,8 @@ pub enum HiveMsg {
     },
     /// Try again to start a pool manager whose restart failed (e.g. the store was busy).
     RestartPool(String),
+    /// Renew held leases, take over pools whose lease is free (shared coordinator only).
+    LeaseTick,
 }
 
 pub struct HiveSupervisor;
@@ -77,6 +98,7 @@ pub struct HiveSupervisor;
 pub struct HiveState {
     args: SupervisorArgs,
     restarts: RestartLog,
+    leases: leases::Leases,
 }
 
 impl Actor for HiveSupervisor {
@@ -85,7 +107,8 @@ impl Actor for HiveSupervisor {
     type Arguments = SupervisorArgs;
 
     async fn pre_start(&self, me: ActorRef<HiveMsg>, args: SupervisorArgs) -> Result<HiveState, ActorProcessingErr> {
-        let st = HiveState { args, restarts: RestartLog::default() };
+        let leases = leases::Leases::new(args.coord.clone(), args.instance.clone(), args.lease_ttl);
+        let mut st = HiveState { args, restarts: RestartLog::default(), leases };
         start_registry(&me, &st.args).await?;
         let stored = st.args.template.writer.store().load_pools().await?;
         reconcile(&st.args.node_specs, &stored).await;
@@ -95,10 +118,21 @@ impl Actor for HiveSupervisor {
         let names: Vec<String> = st.args.template.writer.store().load_pools().await?.into_iter().map(|p| p.name).collect();
         for name in names {
             let handle = PoolHandle::new(&name, st.args.template.call_timeout);
-            start_pool(&me, &st.args, handle.clone()).await?;
-            st.args.pools.pools.write().insert(name, handle);
+            st.args.pools.pools.write().insert(name, handle.clone());
+            leases::take_or_follow(&me, &mut st, handle).await;
+        }
+        if st.leases.shared() {
+            me.send_after(st.leases.tick_every(), || HiveMsg::LeaseTick);
         }
         Ok(st)
+    }
+
+    async fn post_stop(&self, _me: ActorRef<HiveMsg>, st: &mut HiveState) -> Result<(), ActorProcessingErr> {
+        // Hand the pools over now rather than after the leases expire.
+        for pool in st.args.pools.list() {
+            st.leases.release(pool.name()).await;
+        }
+        Ok(())
     }
 
     async fn handle(&self, me: ActorRef<HiveMsg>, msg: HiveMsg, st: &mut HiveState) -> Result<(), ActorProcessingErr> {
@@ -113,12 +147,23 @@ impl Actor for HiveSupervisor {
             }
             HiveMsg::RestartPool(name) => {
                 let Ok(pool) = st.args.pools.get(&name) else { return Ok(()) };
-                if pool.slot().get().is_some() {
+                if pool.slot().get().is_some() || !leases::still_held(st, &pool).await {
                     return Ok(());
                 }
                 // A retry after a start that failed: the failure was counted when the manager
                 // died; a dependency that stays down (the database) must not use up the budget.
                 retry_start(&me, st, pool).await;
+            }
+            HiveMsg::LeaseTick => {
+                leases::tick(&me, st).await;
+                // A held pool whose manager stopped itself (coordination down) starts again
+                // once its lease is confirmed.
+                for pool in st.args.pools.list() {
+                    if pool.slot().get().is_none() && st.leases.token(pool.name()).is_some() && leases::still_held(st, &pool).await {
+                        retry_start(&me, st, pool).await;
+                    }
+                }
+                me.send_after(st.leases.tick_every(), || HiveMsg::LeaseTick);
             }
         }
         Ok(())
@@ -130,6 +175,22 @@ impl Actor for HiveSupervisor {
         evt: SupervisionEvent,
         st: &mut HiveState,
     ) -> Result<(), ActorProcessingErr> {
+        if let SupervisionEvent::ActorTerminated(cell, _, why) = &evt {
+            // A manager stops itself when its writes were superseded or its coordinator is
+            // unreachable: start it again once the lease is confirmed, without using up the
+            // restart budget (a lease tick does it with a shared coordinator).
+            let id = cell.get_id();
+            if let Some(pool) = st.args.pools.list().into_iter().find(|p| p.slot().get().is_some_and(|a| a.get_id() == id)) {
+                tracing::warn!(pool = %pool.name(), reason = ?why, "pool manager stopped");
+                pool.slot().set(None);
+                pool.slot().set_down(why.clone().unwrap_or_else(|| "stopped".into()));
+                if !st.leases.shared() {
+                    let name = pool.name().to_string();
+                    me.send_after(Duration::from_secs(1), move || HiveMsg::RestartPool(name));
+                }
+            }
+            return Ok(());
+        }
         let SupervisionEvent::ActorFailed(cell, err) = evt else { return Ok(()) };
         let id = cell.get_id();
         if st.args.nodes.slot().get().is_some_and(|a| a.get_id() == id) {
@@ -192,7 +253,8 @@ async fn restart_pool(me: &ActorRef<HiveMsg>, st: &mut HiveState, pool: PoolHand
 /// Start a pool manager; if it cannot start (its state cannot be loaded), say why on its slot
 /// and try again a second later, for as long as it takes.
 async fn retry_start(me: &ActorRef<HiveMsg>, st: &mut HiveState, pool: PoolHandle) {
-    if let Err(e) = start_pool(me, &st.args, pool.clone()).await {
+    let Some(token) = st.leases.token(pool.name()) else { return };
+    if let Err(e) = start_pool(me, &st.args, pool.clone(), token).await {
         tracing::error!(pool = %pool.name(), error = %e, "pool manager did not start; retrying in 1 s");
         pool.slot().set_down(format!("restarting: {}", start_error(&e)));
         let name = pool.name().to_string();
@@ -239,9 +301,11 @@ async fn start_registry(me: &ActorRef<HiveMsg>, args: &SupervisorArgs) -> Result
     Ok(())
 }
 
-async fn start_pool(me: &ActorRef<HiveMsg>, args: &SupervisorArgs, handle: PoolHandle) -> Result<(), ActorProcessingErr> {
+async fn start_pool(me: &ActorRef<HiveMsg>, args: &SupervisorArgs, handle: PoolHandle, lease: u64) -> Result<(), ActorProcessingErr> {
     let t = &args.template;
     let pool_args = PoolArgs {
+        coord: args.coord.clone(),
+        lease,
         handle: handle.clone(),
         rules: t.rules,
         writer: t.writer.clone(),
@@ -274,6 +338,10 @@ async fn create_pool(me: &ActorRef<HiveMsg>, st: &mut HiveState, name: String, s
     if st.args.pools.get(&name).is_ok() {
         return Err(PoolError::Exists(name));
     }
+    // Another instance may have made it since this one last looked.
+    if st.leases.shared() && st.args.template.writer.store().load_pools().await?.iter().any(|p| p.name == name) {
+        return Err(PoolError::Exists(name));
+    }
     if size.min > size.max {
         return Err(Invalid { field: "min", reason: format!("min ({}) is above max ({})", size.min, size.max) }.into());
     }
@@ -284,8 +352,8 @@ async fn create_pool(me: &ActorRef<HiveMsg>, st: &mut HiveState, name: String, s
     }
     write_new_pool(&st.args.template.writer, &name, size).await?;
     let handle = PoolHandle::new(&name, st.args.template.call_timeout);
-    start_pool(me, &st.args, handle.clone()).await.map_err(|e| PoolError::Busy(name.clone(), e.to_string()))?;
     st.args.pools.pools.write().insert(name, handle.clone());
+    leases::take_or_follow(me, st, handle.clone()).await;
     Ok(handle)
 }
 
@@ -312,6 +380,7 @@ async fn delete_pool(st: &mut HiveState, name: &str) -> Result<(), PoolError> {
         pool.slot().set(None);
         a.stop(Some("pool deleted".into()));
     }
+    st.leases.release(name).await;
     Ok(())
 }
 
