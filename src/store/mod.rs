@@ -256,6 +256,10 @@ pub trait Store: Send + Sync + 'static {
     /// Every pool with all its rows, pools ordered by name, rows by id; preps/pending in stored order.
     async fn load_pools(&self) -> Result<Vec<StoredPool>, StoreError>;
     async fn load_nodes(&self) -> Result<Vec<NodeRecord>, StoreError>;
+    /// The pools' names, sorted: a cheap look for pools made or deleted by other instances.
+    async fn pool_names(&self) -> Result<Vec<String>, StoreError> {
+        Ok(self.load_pools().await?.into_iter().map(|p| p.name).collect())
+    }
     /// Apply all changes in one transaction (all or nothing).
     async fn apply(&self, changes: &[Change]) -> Result<(), StoreError>;
     /// Become `pool`'s newest writer: its fencing epoch becomes the larger of `floor` (the

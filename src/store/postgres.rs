@@ -170,6 +170,12 @@ impl Store for PostgresStore {
         }
     }
 
+    async fn pool_names(&self) -> Result<Vec<String>, StoreError> {
+        let mut names: Vec<String> = sqlx::query_scalar("SELECT name FROM pools").fetch_all(&self.pool).await?;
+        names.sort();
+        Ok(names)
+    }
+
     async fn take_fence(&self, pool: &str, floor: u64) -> Result<u64, StoreError> {
         let epoch: i64 = sqlx::query_scalar(
             "INSERT INTO pool_fences (pool, epoch) VALUES ($1, $2)

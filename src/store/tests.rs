@@ -304,6 +304,7 @@ each_store! {
         let ids: Vec<u64> = store.load_pools().await.expect("load")[0].snapshot.vms.iter().map(|v| v.id).collect();
         assert_eq!(ids, vec![7], "nothing of the stale transaction was written");
         store.apply(&fenced(new)).await.expect("the new epoch writes");
+        assert_eq!(store.pool_names().await.expect("names"), vec!["p".to_string()]);
         // Another pool's fence is its own.
         assert_eq!(store.take_fence("q", 9).await.expect("q"), 9);
     }

@@ -140,8 +140,8 @@ pub(super) async fn still_held(st: &mut HiveState, pool: &PoolHandle) -> bool {
 
 /// One tick of a shared coordinator: learn pools made or deleted elsewhere, renew, take over.
 pub(super) async fn tick(me: &ActorRef<HiveMsg>, st: &mut HiveState) {
-    if let Ok(stored) = st.args.template.writer.store().load_pools().await {
-        let names: std::collections::BTreeSet<String> = stored.into_iter().map(|p| p.name).collect();
+    if let Ok(stored) = st.args.template.writer.store().pool_names().await {
+        let names: std::collections::BTreeSet<String> = stored.into_iter().collect();
         for gone in st.args.pools.list().into_iter().filter(|p| !names.contains(p.name())) {
             give_up(st, &gone, "the pool was deleted".into());
             st.args.pools.remove(gone.name());

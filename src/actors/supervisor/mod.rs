@@ -339,7 +339,7 @@ async fn create_pool(me: &ActorRef<HiveMsg>, st: &mut HiveState, name: String, s
         return Err(PoolError::Exists(name));
     }
     // Another instance may have made it since this one last looked.
-    if st.leases.shared() && st.args.template.writer.store().load_pools().await?.iter().any(|p| p.name == name) {
+    if st.leases.shared() && st.args.template.writer.store().pool_names().await?.contains(&name) {
         return Err(PoolError::Exists(name));
     }
     if size.min > size.max {
