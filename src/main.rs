@@ -29,9 +29,10 @@ enum Cmd {
 
 #[derive(Args)]
 struct NodeArgs {
-    /// Base URL of the hive.
-    #[arg(long, env = "HIVE_URL", default_value = "http://127.0.0.1:8080")]
-    hive: String,
+    /// Base URL of the hive; several instances of one hive comma-separated, the first being
+    /// the one to join through (the agent keeps a connection to each).
+    #[arg(long, env = "HIVE_URL", default_value = "http://127.0.0.1:8080", value_delimiter = ',')]
+    hive: Vec<String>,
     /// A join token from an admin (first run), or this node's credential. Read from the
     /// environment (HIVE_NODE_TOKEN) to keep it out of the process list.
     #[arg(long, env = "HIVE_NODE_TOKEN", hide_env_values = true)]
@@ -214,8 +215,11 @@ async fn node(a: NodeArgs) -> anyhow::Result<()> {
         .clone()
         .or_else(|| std::fs::read_to_string("/etc/hostname").ok().map(|s| s.trim().to_string()))
         .unwrap_or_else(|| "node".into());
+    let mut hives = a.hive.into_iter().map(|h| h.trim().to_string()).filter(|h| !h.is_empty());
+    let primary = hives.next().context("--hive: give at least one URL")?;
     let cfg = AgentConfig {
-        hive: a.hive,
+        hive: primary,
+        also: hives.collect(),
         token: a.token,
         name,
         offer,
@@ -328,9 +332,15 @@ async fn main() -> anyhow::Result<()> {
     run(cfg, up).await
 }
 
-async fn run(cfg: HiveConfig, up: bool) -> anyhow::Result<()> {
+async fn run(mut cfg: HiveConfig, up: bool) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(cfg.listen).await.with_context(|| format!("binding {}", cfg.listen))?;
     let addr = listener.local_addr()?;
+    // Port 0 picks a port at bind time: other instances must be told the real one. Bound to
+    // every interface, the host name is the best guess at how the others reach this one.
+    cfg.coord.advertise_url.get_or_insert_with(|| match (addr.ip().is_unspecified(), sysinfo::System::host_name()) {
+        (true, Some(host)) => format!("http://{host}:{}", addr.port()),
+        _ => format!("http://{addr}"),
+    });
     let hive = Hive::start(cfg).await?;
     let base = format!("http://{addr}");
     if up {

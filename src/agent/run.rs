@@ -4,6 +4,11 @@
 //! commands executed on the local hypervisor in tasks of their own, replies. When the
 //! connection drops it reconnects with exponential backoff and jitter; it stops only when the
 //! hive refuses it (removed node, bad credential) or on a signal.
+//!
+//! A hive of several instances (one database) may command a node from any of them, so the
+//! agent keeps one such connection to each instance it is given, all driving the same
+//! hypervisor and image cache. The first instance is the primary: the join token is exchanged
+//! there and images are fetched from it.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -37,8 +42,11 @@ pub enum AgentError {
 }
 
 pub struct AgentConfig {
-    /// Base URL of the hive's HTTP API, e.g. `http://127.0.0.1:8080`.
+    /// Base URL of the hive's HTTP API, e.g. `http://127.0.0.1:8080`: the primary instance
+    /// (joining, the saved credential, images).
     pub hive: String,
+    /// The hive's other instances (same database, same nodes), each kept connected as well.
+    pub also: Vec<String>,
     /// A join token (`hjt_…`) for the first contact, or a node credential (`hnc_…`).
     pub token: Option<String>,
     pub name: String,
@@ -125,7 +133,7 @@ enum Ended {
     Failed(String),
 }
 
-/// Run until refused. Reconnects forever otherwise.
+/// Run until refused by any instance. Reconnects forever otherwise.
 pub async fn run(cfg: AgentConfig, hv: Arc<dyn Hypervisor>) -> Result<(), AgentError> {
     std::fs::create_dir_all(&cfg.data_dir)?;
     let credential = credential(&cfg).await?;
@@ -138,33 +146,79 @@ pub async fn run(cfg: AgentConfig, hv: Arc<dyn Hypervisor>) -> Result<(), AgentE
     let peer_url = format!("http://{host_name}:{port}");
     tokio::spawn(warp::serve(images.routes()).incoming(listener).run());
     tracing::info!(%peer_url, "serving pieces to peers");
-    let mut host = HostSampler::new(&cfg.data_dir);
+    let cfg = Arc::new(cfg);
+    let mut hives: Vec<String> = Vec::new();
+    for h in std::iter::once(&cfg.hive).chain(&cfg.also) {
+        // The same instance twice would be two connections of one node to one registry.
+        if !hives.iter().any(|k| k.trim_end_matches('/') == h.trim_end_matches('/')) {
+            hives.push(h.clone());
+        }
+    }
+    // Dropping the set (when one loop ends) stops the other loops.
+    let mut loops = tokio::task::JoinSet::new();
+    for hive in hives {
+        let link = Link {
+            cfg: cfg.clone(),
+            hive,
+            credential: credential.clone(),
+            hv: hv.clone(),
+            images: images.clone(),
+            peer_url: peer_url.clone(),
+        };
+        loops.spawn(keep_connected(link));
+    }
+    match loops.join_next().await {
+        Some(Ok(e)) => Err(e),
+        Some(Err(e)) => Err(AgentError::Config(format!("a connection loop failed: {e}"))),
+        None => Ok(()),
+    }
+}
+
+/// What one connection loop needs: the instance it keeps, and what all loops share.
+struct Link {
+    cfg: Arc<AgentConfig>,
+    hive: String,
+    credential: String,
+    hv: Arc<dyn Hypervisor>,
+    images: AgentImages,
+    peer_url: String,
+}
+
+/// Keep one instance connected, with its own backoff; answers only why it was refused.
+async fn keep_connected(l: Link) -> AgentError {
+    let mut host = HostSampler::new(&l.cfg.data_dir);
     let mut backoff = Duration::from_millis(100);
     loop {
-        match connect_once(&cfg, &credential, hv.clone(), &mut host, &images, &peer_url).await {
+        match connect_once(&l.cfg, &l.hive, &l.credential, l.hv.clone(), &mut host, &l.images, &l.peer_url).await {
             Ok(Ended::AfterWelcome) => {
                 backoff = Duration::from_millis(100);
-                tracing::warn!("connection to the hive lost; reconnecting");
+                tracing::warn!(hive = %l.hive, "connection to the hive lost; reconnecting");
             }
-            Ok(Ended::Failed(why)) => tracing::warn!(error = %why, retry_ms = backoff.as_millis() as u64, "cannot connect to the hive"),
-            Err(e) => return Err(e),
+            Ok(Ended::Failed(why)) => {
+                tracing::warn!(hive = %l.hive, error = %why, retry_ms = backoff.as_millis() as u64, "cannot connect to the hive")
+            }
+            Err(e) => {
+                tracing::warn!(hive = %l.hive, error = %e, "the hive refused this node");
+                return e;
+            }
         }
         // Jitter spreads a thousand agents that lost the same hive over the retry window.
         let jitter = rand::rng().random_range(0.5..1.0);
         tokio::time::sleep(backoff.mul_f64(jitter)).await;
-        backoff = (backoff * 2).min(cfg.backoff_max);
+        backoff = (backoff * 2).min(l.cfg.backoff_max);
     }
 }
 
 async fn connect_once(
     cfg: &AgentConfig,
+    hive: &str,
     credential: &str,
     hv: Arc<dyn Hypervisor>,
     host: &mut HostSampler,
     images: &AgentImages,
     peer_url: &str,
 ) -> Result<Ended, AgentError> {
-    let url = format!("{}{AGENT_WS_PATH}", cfg.hive.trim_end_matches('/').replacen("http", "ws", 1));
+    let url = format!("{}{AGENT_WS_PATH}", hive.trim_end_matches('/').replacen("http", "ws", 1));
     let mut req = url.into_client_request().map_err(|e| AgentError::Config(format!("hive URL: {e}")))?;
     let auth = format!("Bearer {credential}").parse().map_err(|_| AgentError::Config("credential is not a valid header value".into()))?;
     req.headers_mut().insert("authorization", auth);
@@ -196,7 +250,7 @@ async fn connect_once(
     }
     let heartbeat_ms = match read(&mut rx).await {
         Some(HiveMsg::Welcome { node_id, heartbeat_ms }) => {
-            tracing::info!(node.id = node_id, heartbeat_ms, "connected to the hive");
+            tracing::info!(node.id = node_id, %hive, heartbeat_ms, "connected to the hive");
             images.set_node_id(node_id);
             heartbeat_ms
         }

@@ -1,5 +1,6 @@
 //! The registry's dealings with agents and admins: a node joining (recorded durably before its
-//! id is answered), an agent's hello (attach its connection, then reconcile: destroy domains no
+//! id is answered), an agent's credential (adopting from the store a node that joined through
+//! another instance of the hive), an agent's hello (attach its connection, then reconcile: destroy domains no
 //! pool knows, and tell pools which of their VMs the node no longer holds, before the node is
 //! ready again), cordon/drain/activate, and removal.
 
@@ -8,7 +9,7 @@ use std::sync::Arc;
 
 use ractor::{ActorProcessingErr, ActorRef, RpcReplyPort};
 
-use super::{NodeError, NodeSpec, NodeView, RegistryMsg, RegistryState, forget, refresh, register};
+use super::{NodeError, NodeSpec, NodeView, RegistryMsg, RegistryState, StoredNode, forget, refresh, register};
 use crate::actors::supervisor::PoolDirectory;
 use crate::agent::proto::{Hello, PROTOCOL_VERSION};
 use crate::domain::node::{AdminState, NodeClass, NodeState};
@@ -40,7 +41,32 @@ pub fn remote_spec(r: &NodeRecord, remote: Arc<RemoteHypervisor>) -> NodeSpec {
     }
 }
 
-pub(super) async fn create(
+/// A node joins: first learn the highest id the store has issued, since other instances of the
+/// hive sharing it issue ids too. Read off the actor, so that a slow database does not hold up
+/// placement meanwhile.
+pub(super) fn create(
+    me: &ActorRef<RegistryMsg>,
+    st: &RegistryState,
+    name: String,
+    credential_hash: String,
+    reply: RpcReplyPort<Result<NodeId, NodeError>>,
+) {
+    let (store, me) = (st.args.writer.store().clone(), me.clone());
+    tokio::spawn(async move {
+        let issued = match store.node_rows() {
+            Some(rows) => rows.max_issued_node_id().await.map_err(|e| e.to_string()),
+            None => Ok(0),
+        };
+        let _ = me.cast(RegistryMsg::CreateAbove { issued, name, credential_hash, reply });
+    });
+}
+
+/// Record the new node under the next free id (the store's highest issued is in `high_water`).
+/// Two instances taking joins at the same moment may still pick the same id: nothing between
+/// the read and the write stops it, and the node row is written as an upsert, so the later join
+/// would take over the earlier node's row (credential and all) rather than fail. Closing that
+/// needs an insert-only write for a new node in the store.
+pub(super) async fn create_above(
     me: &ActorRef<RegistryMsg>,
     st: &mut RegistryState,
     name: String,
@@ -75,6 +101,76 @@ pub(super) async fn create(
             let _ = me.cast(RegistryMsg::Created(id, r.map_err(|e| e.to_string()), reply));
         }),
     );
+    Ok(())
+}
+
+fn holder(st: &RegistryState, credential_hash: &str) -> Option<NodeId> {
+    st.nodes.values().find(|e| e.spec.credential_hash.as_deref() == Some(credential_hash)).map(|e| e.spec.id)
+}
+
+/// Which node holds this credential. One this registry does not know may have joined through
+/// another instance sharing the store since this one started: look there (off the actor) and
+/// adopt it (`adopt`).
+pub(super) fn authenticate(
+    me: &ActorRef<RegistryMsg>,
+    st: &RegistryState,
+    credential_hash: String,
+    reply: RpcReplyPort<Result<NodeId, NodeError>>,
+) {
+    if let Some(id) = holder(st, &credential_hash) {
+        let _ = reply.send(Ok(id));
+        return;
+    }
+    let (store, me) = (st.args.writer.store().clone(), me.clone());
+    tokio::spawn(async move {
+        let found = async {
+            let nodes = store.load_nodes().await?;
+            let Some(r) = nodes.into_iter().find(|r| r.remote && r.credential_hash.as_deref() == Some(credential_hash.as_str())) else {
+                return Ok(None);
+            };
+            let ratings = match store.node_rows() {
+                Some(rows) => rows.rating_totals().await?.into_iter().find(|t| t.0 == r.id).map(|t| (t.1, t.2)).unwrap_or_default(),
+                None => (0, 0),
+            };
+            Ok::<_, crate::store::StoreError>(Some((r, ratings)))
+        }
+        .await
+        .map_err(|e| e.to_string());
+        let _ = me.cast(RegistryMsg::Adopt { credential_hash, found, reply });
+    });
+}
+
+/// Take in a stored node found by its credential, as the registry takes the stored nodes at
+/// start: registering until its agent says hello.
+pub(super) async fn adopt(
+    me: &ActorRef<RegistryMsg>,
+    st: &mut RegistryState,
+    credential_hash: String,
+    found: Result<Option<StoredNode>, String>,
+    reply: RpcReplyPort<Result<NodeId, NodeError>>,
+    now: Millis,
+) -> Result<(), ActorProcessingErr> {
+    // Another connection of the same agent may have brought it in meanwhile.
+    if let Some(id) = holder(st, &credential_hash) {
+        let _ = reply.send(Ok(id));
+        return Ok(());
+    }
+    let r = match found {
+        Err(e) => Err(NodeError::Store(e)),
+        // An id this registry holds under another credential is not this node's to take over.
+        Ok(Some((r, _))) if st.nodes.contains_key(&r.id) => Err(NodeError::BadCredential),
+        Ok(None) => Err(NodeError::BadCredential),
+        Ok(Some((r, ratings))) => {
+            st.high_water = st.high_water.max(r.id);
+            register(me, st, remote_spec(&r, st.args.handle.remote(r.id)), now).await?;
+            if let Some(e) = st.nodes.get_mut(&r.id) {
+                e.ratings = ratings;
+            }
+            tracing::info!(node.id = r.id, name = %r.name, "a node that joined through another instance of the hive");
+            Ok(r.id)
+        }
+    };
+    let _ = reply.send(r);
     Ok(())
 }
 

@@ -155,10 +155,24 @@ pub enum RegistryMsg {
         credential_hash: String,
         reply: RpcReplyPort<Result<NodeId, NodeError>>,
     },
+    /// `Create`, once the highest node id the store has issued (by any instance) is known.
+    CreateAbove {
+        issued: Result<NodeId, String>,
+        name: String,
+        credential_hash: String,
+        reply: RpcReplyPort<Result<NodeId, NodeError>>,
+    },
     Created(NodeId, Result<(), String>, RpcReplyPort<Result<NodeId, NodeError>>),
     /// Which node holds this credential (by its hash)?
     Authenticate {
         credential_hash: String,
+        reply: RpcReplyPort<Result<NodeId, NodeError>>,
+    },
+    /// No node here holds it: what the store holds for it (a node that joined through another
+    /// instance of the hive since this one started), with the node's rating totals.
+    Adopt {
+        credential_hash: String,
+        found: Result<Option<StoredNode>, String>,
         reply: RpcReplyPort<Result<NodeId, NodeError>>,
     },
     /// An agent connected and said hello.
@@ -221,6 +235,9 @@ pub enum RegistryMsg {
     HighWater(NodeId),
 }
 
+/// A stored node found by its credential, with its rating totals (count, sum of stars).
+pub type StoredNode = (NodeRecord, (u64, u64));
+
 pub struct NodeRegistry;
 
 pub struct RegistryArgs {
@@ -261,17 +278,24 @@ impl Actor for NodeRegistry {
                 register(&me, st, spec, now).await?;
                 let _ = reply.send(());
             }
-            RegistryMsg::Create { name, credential_hash, reply } => agents::create(&me, st, name, credential_hash, reply, now).await?,
+            RegistryMsg::Create { name, credential_hash, reply } => agents::create(&me, st, name, credential_hash, reply),
+            RegistryMsg::CreateAbove { issued, name, credential_hash, reply } => match issued {
+                Ok(issued) => {
+                    st.high_water = st.high_water.max(issued);
+                    agents::create_above(&me, st, name, credential_hash, reply, now).await?
+                }
+                Err(e) => {
+                    let _ = reply.send(Err(NodeError::Store(e)));
+                }
+            },
             RegistryMsg::Created(id, r, reply) => {
                 if r.is_err() {
                     forget(st, id);
                 }
                 let _ = reply.send(r.map(|_| id).map_err(NodeError::Store));
             }
-            RegistryMsg::Authenticate { credential_hash, reply } => {
-                let found = st.nodes.values().find(|e| e.spec.credential_hash.as_deref() == Some(credential_hash.as_str()));
-                let _ = reply.send(found.map(|e| e.spec.id).ok_or(NodeError::BadCredential));
-            }
+            RegistryMsg::Authenticate { credential_hash, reply } => agents::authenticate(&me, st, credential_hash, reply),
+            RegistryMsg::Adopt { credential_hash, found, reply } => agents::adopt(&me, st, credential_hash, found, reply, now).await?,
             RegistryMsg::Attach { node, hello, link, reply } => {
                 let r = agents::attach(&me, st, node, hello, link, now);
                 let _ = reply.send(r);
