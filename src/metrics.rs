@@ -47,7 +47,7 @@ fn describe() {
     describe_histogram!("hive_store_commit_changes", "Row changes per group commit");
     describe_counter!("hive_coord_ops_total", "Coordinator operations (leases, VM claims), by op and outcome");
     describe_histogram!("hive_coord_op_seconds", "Coordinator operation latency (lock latency), by op");
-    describe_counter!("hive_pool_lease_changes_total", "Pool leases this instance took (acquired) or gave up (lost), by pool");
+    describe_counter!("hive_pool_lease_changes_total", "Pool leases this instance took (acquired), lost or released, by pool");
     describe_gauge!("hive_pool_leases_held", "Pools whose manager runs on this instance (1) or elsewhere (0), by pool");
     describe_counter!("hive_node_cache_reads_total", "Piece reads through the nodes' caches as their heartbeats report them, by outcome");
     describe_counter!("hive_cache_reads_total", "Piece reads through a node's cache, by outcome (local_hit, remote_hit, miss, skip)");
@@ -78,6 +78,10 @@ fn zero_series() {
         counter!("hive_image_uploads_total", "outcome" => outcome).increment(0);
     }
     counter!("hive_bad_pieces_total").increment(0);
+    // Forwarding happens only with several instances; its panel reads 0, not "no data", before.
+    for class in ["2xx", "5xx"] {
+        counter!("hive_http_requests_total", "route" => "forwarded", "status" => class).increment(0);
+    }
 }
 
 pub fn vms(pool: &str, states: impl Iterator<Item = VmState>) {
@@ -164,9 +168,21 @@ pub fn coord_op(op: &'static str, outcome: &'static str, secs: f64) {
     histogram!("hive_coord_op_seconds", "op" => op).record(secs);
 }
 
+/// A pool's lease was `acquired`, `lost` or `released` here. Every change's series starts at 0
+/// when the pool is first seen, so `increase()` counts the first change too.
 pub fn lease_change(pool: &str, change: &'static str) {
-    counter!("hive_pool_lease_changes_total", "pool" => pool.to_string(), "change" => change).increment(1);
+    for c in ["acquired", "lost", "released"] {
+        counter!("hive_pool_lease_changes_total", "pool" => pool.to_string(), "change" => c).increment(u64::from(c == change));
+    }
     gauge!("hive_pool_leases_held", "pool" => pool.to_string()).set(if change == "acquired" { 1.0 } else { 0.0 });
+}
+
+/// A pool this instance does not run (yet): its series exist, at 0.
+pub fn lease_seen(pool: &str) {
+    for c in ["acquired", "lost", "released"] {
+        counter!("hive_pool_lease_changes_total", "pool" => pool.to_string(), "change" => c).increment(0);
+    }
+    gauge!("hive_pool_leases_held", "pool" => pool.to_string()).increment(0.0);
 }
 
 pub fn images(count: usize) {

@@ -67,6 +67,7 @@ impl Leases {
     /// Give the lease back at once (pool deleted, shutdown), so nobody waits for it to expire.
     pub async fn release(&mut self, pool: &str) {
         if let Some(h) = self.held.remove(pool) {
+            metrics::lease_change(pool, "released");
             if let Err(e) = self.coord.release_lease(&h.lease).await {
                 tracing::debug!(pool, error = %e, "lease not released");
             }
@@ -78,6 +79,7 @@ impl Leases {
 /// answers with that, for calls that are not forwarded).
 pub(super) async fn take_or_follow(me: &ActorRef<HiveMsg>, st: &mut HiveState, pool: PoolHandle) {
     let name = pool.name().to_string();
+    metrics::lease_seen(&name);
     let ttl = if st.leases.shared() { st.leases.ttl } else { FOREVER };
     let sent = Instant::now();
     match st.leases.coord.acquire_lease(&name, &st.leases.instance, ttl).await {
