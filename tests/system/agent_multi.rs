@@ -12,23 +12,24 @@ use serde_json::{Value, json};
 use sqlx::Connection;
 
 use crate::agents::{Hive, Proc, join_token};
-use crate::servers::OwnPostgres;
+use crate::servers::{OwnPostgres, OwnRedis};
 use crate::support::{hive_bin, spawn_hive, until};
 
 const ADMIN_TOKEN: &str = "multi-test-admin-token";
 const BEAT_MS: u64 = 400;
 
-fn serve(dir: &Path, listen: &str, database_url: &str) -> Hive {
+fn serve(dir: &Path, listen: &str, database_url: &str, redis_url: &str) -> Hive {
     let (child, base) = spawn_hive(
         Command::new(hive_bin())
             .args(["serve", "--listen", listen, "--data-dir"])
             .arg(dir)
             .env("HIVE_DATABASE_URL", database_url)
+            .env("HIVE_COORD__REDIS_URL", redis_url)
             .env("HIVE_ADMIN_TOKEN", ADMIN_TOKEN)
             .env("HIVE_NODE__HEARTBEAT_MS", BEAT_MS.to_string())
             .env("HIVE_NODE__SUSPECT_AFTER_MS", (BEAT_MS * 3 / 2).to_string())
             .env("HIVE_NODE__DEAD_AFTER_MS", (BEAT_MS * 5 / 2).to_string())
-            // Only nodes are under test: both instances still run the pools, keep them empty.
+            // Only nodes are under test: keep the pools empty.
             .env("HIVE_POOL__DEFAULT_SIZE__MIN", "0")
             .env("HIVE_POOL__DEFAULT_SIZE__MAX", "0")
             .env("RUST_LOG", "warn"),
@@ -67,8 +68,9 @@ async fn an_agent_serves_two_instances_of_one_hive_and_survives_one_restarting()
     pg.create_db("hive");
     let dir = tempfile::tempdir().unwrap();
     let c = reqwest::Client::new();
-    let a = serve(&dir.path().join("a"), "127.0.0.1:0", &pg.url("hive"));
-    let mut b = serve(&dir.path().join("b"), "127.0.0.1:0", &pg.url("hive"));
+    let redis = OwnRedis::start();
+    let a = serve(&dir.path().join("a"), "127.0.0.1:0", &pg.url("hive"), &redis.url());
+    let mut b = serve(&dir.path().join("b"), "127.0.0.1:0", &pg.url("hive"), &redis.url());
 
     // Joins through either instance draw from one sequence of ids.
     let (first, cred) = register(&c, &a, "through-a").await;
@@ -115,8 +117,18 @@ async fn an_agent_serves_two_instances_of_one_hive_and_survives_one_restarting()
     let listen = b.base.trim_start_matches("http://").to_string();
     b.proc.child.kill().expect("kill -9 hive B");
     b.proc.child.wait().expect("reap hive B");
-    b = serve(&dir.path().join("b"), &listen, &pg.url("hive"));
+    b = serve(&dir.path().join("b"), &listen, &pg.url("hive"), &redis.url());
     until_ready(&c, &b, id, "the node is ready on B again").await;
     let on_a = node(&c, &a, id).await.expect("A still lists the node");
     assert_eq!(on_a["state"], "ready", "A kept the node while B was away: {on_a}");
+
+    // An admin cordons the node through A; B, which may run pools that use it, follows.
+    let r = c.post(format!("{}/api/v1/nodes/{id}/cordon", a.base)).bearer_auth(ADMIN_TOKEN).send().await.unwrap();
+    assert_eq!(r.status(), 200, "cordon through A");
+    until("B sees the node cordoned", Duration::from_secs(15), || async { node(&c, &b, id).await.filter(|n| n["admin"] == "cordoned") })
+        .await;
+    let r = c.post(format!("{}/api/v1/nodes/{id}/activate", b.base)).bearer_auth(ADMIN_TOKEN).send().await.unwrap();
+    assert_eq!(r.status(), 200, "activate through B");
+    until("A sees the node active again", Duration::from_secs(15), || async { node(&c, &a, id).await.filter(|n| n["admin"] == "active") })
+        .await;
 }

@@ -233,6 +233,13 @@ async fn reconcile(
     let mut known = HashSet::new();
     let mut complete = true;
     for p in pools.list() {
+        if !p.running() {
+            // Run by another instance (which reconciles its own pools when the agent says
+            // hello there too), or restarting: its VMs are unknown here, so destroy nothing.
+            tracing::debug!(node.id = node, pool = %p.name(), "pool not run here; orphans are left to its instance");
+            complete = false;
+            continue;
+        }
         match p.status().await {
             Ok(snap) => known.extend(snap.vms.into_iter().filter_map(|v| v.placement).filter(|pl| pl.node == node).map(|pl| pl.domain)),
             Err(e) => {

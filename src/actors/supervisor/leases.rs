@@ -152,6 +152,7 @@ pub(super) async fn tick(me: &ActorRef<HiveMsg>, st: &mut HiveState) {
             st.args.pools.insert_if_absent(&name, st.args.template.call_timeout);
         }
     }
+    sync_node_admin(st).await;
     let ttl = st.leases.ttl;
     // Give up early enough that the lease cannot expire while this manager still acts.
     let last_chance = ttl.saturating_sub(st.leases.tick_every() * 2 + st.leases.coord_timeout());
@@ -173,6 +174,25 @@ pub(super) async fn tick(me: &ActorRef<HiveMsg>, st: &mut HiveState) {
             Err(CoordError::Lost) => give_up(st, &pool, "its lease expired and moved to another instance".into()),
             Err(e) if last.elapsed() >= last_chance => give_up(st, &pool, format!("its lease could not be renewed: {e}")),
             Err(e) => tracing::warn!(pool = %pool.name(), error = %e, "lease renewal failed; retrying"),
+        }
+    }
+}
+
+/// An admin's cordon, drain or activate is sent to one instance, which records it; the others
+/// take it from the store here, within a tick, so pools run anywhere respect it.
+async fn sync_node_admin(st: &HiveState) {
+    let Ok(stored) = st.args.template.writer.store().load_nodes().await else { return };
+    let Ok(views) = st.args.nodes.list().await else { return };
+    for v in views.iter().filter(|v| v.remote) {
+        let Some(r) = stored.iter().find(|r| r.id == v.id) else { continue };
+        match crate::domain::node::AdminState::parse(&r.admin) {
+            Some(admin) if admin != v.admin => {
+                tracing::info!(node.id = v.id, admin = admin.name(), "node admin state changed through another instance");
+                if let Err(e) = st.args.nodes.set_admin(v.id, admin).await {
+                    tracing::warn!(node.id = v.id, error = %e, "cannot apply the node's admin state");
+                }
+            }
+            _ => {}
         }
     }
 }
