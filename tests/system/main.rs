@@ -9,6 +9,7 @@
 
 mod support;
 
+mod agent_multi;
 mod agents;
 mod api_v1;
 mod bad_input;
@@ -19,6 +20,7 @@ mod libvirt_e2e;
 #[cfg(feature = "libvirt")]
 mod libvirt_net;
 mod lifecycle;
+mod multi;
 mod nodes_admin;
 mod observability;
 mod outages;

@@ -84,6 +84,15 @@ impl OwnPostgres {
         self.child = Some(child);
         let port = self.port;
         wait_for("postgres to accept connections", Duration::from_secs(30), || answers(port));
+        // The port opens before the server takes sessions ("the database system is starting
+        // up"): wait for pg_isready to say it accepts them.
+        let ready = || {
+            Command::new(self.bin.join("pg_isready"))
+                .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres", "-q"])
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        wait_for("postgres to take sessions", Duration::from_secs(30), ready);
     }
 
     /// Stop it (a fast shutdown: SIGINT ends every session at once, as an operator's
