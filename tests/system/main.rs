@@ -14,6 +14,7 @@ mod agents;
 mod api_v1;
 mod bad_input;
 mod durability;
+mod fencing;
 mod images;
 #[cfg(feature = "libvirt")]
 mod libvirt_e2e;
