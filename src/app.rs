@@ -53,6 +53,7 @@ struct HiveInner {
     clock: Clock,
     coord: Arc<dyn Coordinator>,
     instance: String,
+    gateway_key: crate::gateway::GatewayKey,
     stopped: tokio::sync::watch::Receiver<bool>,
 }
 
@@ -133,6 +134,7 @@ impl Hive {
             .await
             .map_err(|e| HiveError::Start(format!("lifecycle: {e}")))?;
         let admin_token = config.admin_token.clone();
+        let gateway_key = crate::gateway::GatewayKey::new(admin_token.as_ref());
         Ok(Hive {
             inner: Arc::new(HiveInner {
                 supervisor: HiveHandle::new(actor, timeout),
@@ -149,8 +151,14 @@ impl Hive {
                 stopped,
                 coord,
                 instance,
+                gateway_key,
             }),
         })
+    }
+
+    /// Signs and checks the gateway's tokens.
+    pub fn gateway_key(&self) -> &crate::gateway::GatewayKey {
+        &self.inner.gateway_key
     }
 
     pub fn coordinator(&self) -> &Arc<dyn Coordinator> {

@@ -6,6 +6,7 @@
 //! - `actors`: the supervised actor tree (ractor): `HiveSupervisor` → `NodeRegistry` →
 //!   `NodeActor`s, and `PoolManager`s → `SessionActor`s; each with a cloneable handle.
 //! - `drivers`: the `Hypervisor` trait; `sim` (a simulator) and `remote` (a node's agent).
+//! - `guacamole`: browser links to desktops through Apache Guacamole (encrypted JSON or REST).
 //! - `guest`: the command channel into a running guest (`ssh` with keys).
 //! - `agent`: `hive node`, the agent on a host: protocol, connection, host stats, images, stock.
 //! - `distribution`: content-addressed pieces between nodes, the node cache, bandwidth caps.
@@ -28,6 +29,8 @@ pub mod ctl;
 pub mod distribution;
 pub mod domain;
 pub mod drivers;
+pub mod gateway;
+pub mod guacamole;
 pub mod guest;
 pub mod http;
 pub mod images;

@@ -47,6 +47,8 @@ fn describe() {
     describe_histogram!("hive_store_commit_changes", "Row changes per group commit");
     describe_counter!("hive_coord_ops_total", "Coordinator operations (leases, VM claims), by op and outcome");
     describe_histogram!("hive_coord_op_seconds", "Coordinator operation latency (lock latency), by op");
+    describe_gauge!("hive_gateway_connections", "Open gateway WebSockets (browser to a VM's VNC)");
+    describe_counter!("hive_gateway_bytes_total", "Bytes the gateway piped, by direction (to_browser, to_vm)");
     describe_counter!("hive_pool_lease_changes_total", "Pool leases this instance took (acquired), lost or released, by pool");
     describe_gauge!("hive_pool_leases_held", "Pools whose manager runs on this instance (1) or elsewhere (0), by pool");
     describe_counter!("hive_node_cache_reads_total", "Piece reads through the nodes' caches as their heartbeats report them, by outcome");
@@ -183,6 +185,15 @@ pub fn lease_seen(pool: &str) {
         counter!("hive_pool_lease_changes_total", "pool" => pool.to_string(), "change" => c).increment(0);
     }
     gauge!("hive_pool_leases_held", "pool" => pool.to_string()).increment(0.0);
+}
+
+/// A gateway WebSocket opened (+1) or closed (-1).
+pub fn gateway_open(delta: i64) {
+    gauge!("hive_gateway_connections").increment(delta as f64);
+}
+
+pub fn gateway_bytes(direction: &'static str, n: usize) {
+    counter!("hive_gateway_bytes_total", "direction" => direction).increment(n as u64);
 }
 
 pub fn images(count: usize) {

@@ -87,7 +87,7 @@ pub struct VncView {
     pub password: String,
 }
 
-fn session_view(pool: &str, v: &HandleView) -> SessionView {
+pub(super) fn session_view(pool: &str, v: &HandleView) -> SessionView {
     SessionView {
         id: v.handle.id,
         pool: pool.to_string(),

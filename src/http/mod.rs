@@ -16,6 +16,7 @@ mod api;
 mod auth;
 mod error;
 pub mod forward;
+mod gateway;
 mod images;
 mod lifecycle;
 mod nodes;
@@ -68,6 +69,8 @@ pub fn routes(hive: Hive) -> BoxedFilter<(Response,)> {
         .or(lifecycle::routes(hive.clone()))
         .unify()
         .or(agent::route(hive.clone()))
+        .unify()
+        .or(gateway::routes(hive.clone()))
         .unify()
         .or(ops::routes(hive))
         .unify()

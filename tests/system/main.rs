@@ -15,6 +15,7 @@ mod api_v1;
 mod bad_input;
 mod durability;
 mod fencing;
+mod gateway;
 mod images;
 #[cfg(feature = "libvirt")]
 mod libvirt_e2e;
