@@ -54,6 +54,7 @@ struct HiveInner {
     coord: Arc<dyn Coordinator>,
     instance: String,
     gateway_key: crate::gateway::GatewayKey,
+    guacamole: Option<Arc<crate::guacamole::Guacamole>>,
     stopped: tokio::sync::watch::Receiver<bool>,
 }
 
@@ -135,6 +136,9 @@ impl Hive {
             .map_err(|e| HiveError::Start(format!("lifecycle: {e}")))?;
         let admin_token = config.admin_token.clone();
         let gateway_key = crate::gateway::GatewayKey::new(admin_token.as_ref());
+        let guacamole = crate::guacamole::Guacamole::from_config(&config.guacamole)
+            .map_err(|e| HiveError::Start(format!("guacamole: {e}")))?
+            .map(Arc::new);
         Ok(Hive {
             inner: Arc::new(HiveInner {
                 supervisor: HiveHandle::new(actor, timeout),
@@ -152,8 +156,14 @@ impl Hive {
                 coord,
                 instance,
                 gateway_key,
+                guacamole,
             }),
         })
+    }
+
+    /// The Guacamole in front of the VMs, when one is configured.
+    pub fn guacamole(&self) -> Option<&Arc<crate::guacamole::Guacamole>> {
+        self.inner.guacamole.as_ref()
     }
 
     /// Signs and checks the gateway's tokens.

@@ -40,6 +40,10 @@ pub struct HiveConfig {
     pub node: NodeConfig,
     pub cloud: CloudConfig,
     pub coord: CoordConfig,
+    /// Browser links to desktops through Apache Guacamole; off unless `guacamole.url` is set.
+    pub guacamole: crate::guacamole::GuacamoleConfig,
+    /// The browser pages' assets (noVNC for the session page).
+    pub web: crate::http::pages::WebConfig,
     /// How long an HTTP handler waits for an actor before answering 503.
     pub call_timeout_ms: u64,
 }
@@ -152,6 +156,8 @@ impl Default for HiveConfig {
             node: NodeConfig::default(),
             cloud: CloudConfig::default(),
             coord: CoordConfig::default(),
+            guacamole: Default::default(),
+            web: Default::default(),
             call_timeout_ms: 5_000,
         }
     }
@@ -247,7 +253,7 @@ impl Default for SupervisionConfig {
     }
 }
 
-fn redacted<S: serde::Serializer>(v: &Option<SecretString>, s: S) -> Result<S::Ok, S::Error> {
+pub(crate) fn redacted<S: serde::Serializer>(v: &Option<SecretString>, s: S) -> Result<S::Ok, S::Error> {
     match v {
         Some(_) => s.serialize_str("[redacted]"),
         None => s.serialize_none(),
@@ -355,6 +361,7 @@ impl HiveConfig {
                 ));
             }
         }
+        bad.extend(self.guacamole.problems());
         if bad.is_empty() { Ok(()) } else { Err(ConfigError::Invalid(bad)) }
     }
 

@@ -52,7 +52,35 @@ pub fn routes(hive: Hive) -> BoxedFilter<(Response,)> {
             crate::metrics::http("/sessions/{id}/vnc", resp.status().as_u16(), started.elapsed().as_secs_f64());
             resp
         });
-    issue.or(vnc).unify().boxed()
+    let guac = warp::path!("api" / "v1" / "pools" / String / "sessions" / String / "guacamole")
+        .and(warp::post())
+        .and(h())
+        .then(|pool, id, hive| timed("/api/v1/pools/{pool}/sessions/{id}/guacamole", guacamole_link(hive, pool, id)));
+    issue.or(vnc).unify().or(guac).unify().boxed()
+}
+
+/// A link that logs the session's user into exactly its VM in Guacamole: with the encrypted
+/// JSON extension, a single-use token that expires with the handle.
+async fn guacamole_link(hive: Hive, pool: String, id: String) -> ApiResult {
+    let handle = super::reply::uint("session", &id)?;
+    let g = hive.guacamole().cloned().ok_or_else(|| {
+        refused(StatusCode::NOT_IMPLEMENTED, "not_configured", "no Guacamole is configured ([guacamole] url and json_secret_key)")
+    })?;
+    let s = session(&hive, &pool, handle).await?;
+    let vm = s["vm"]["id"].as_u64().ok_or_else(|| ApiError::Conflict(format!("session {pool}.{handle} has no VM yet")))?;
+    let target = crate::guacamole::VncTarget {
+        hostname: s["vnc"]["host"].as_str().unwrap_or_default().to_string(),
+        port: s["vnc"]["port"].as_u64().unwrap_or(0) as u16,
+        password: s["vnc"]["password"].as_str().map(|p| secrecy::SecretString::from(p.to_string())),
+        guacd_hostname: None,
+    };
+    let expires_at = s["expires_at"].as_u64();
+    let user = format!("{pool}.{handle}");
+    let url = g
+        .link(&user, &format!("{pool}-vm-{vm}"), &target, None, expires_at)
+        .await
+        .map_err(|e| ApiError::Unavailable(format!("guacamole: {e}")))?;
+    Ok(reply::json_status(StatusCode::CREATED, &json!({"url": url, "expires_at": expires_at})))
 }
 
 async fn issue(hive: Hive, pool: String, id: String) -> ApiResult {

@@ -107,3 +107,74 @@ async fn a_token_opens_the_desktop_and_dies_with_its_session() {
     }
     app.stop().await;
 }
+
+/// `openssl` with `stdin`, answering stdout (the test needs the real CLI, as the spec uses it).
+fn openssl(args: &[&str], stdin: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut child = Command::new("openssl")
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the openssl CLI (Debian ships it)");
+    child.stdin.take().unwrap().write_all(stdin).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    out.stdout
+}
+
+#[tokio::test]
+async fn a_guacamole_link_logs_into_exactly_the_session_vm_until_the_handle_expires() {
+    // Without a Guacamole configured the route says so.
+    let plain = TestApp::spawn().await;
+    let (_, h, _) = plain.held_vm(1, 2).await;
+    let r = plain.post(&format!("/api/v1/pools/default/sessions/{h}/guacamole")).await;
+    assert_eq!(r.status(), 501);
+    plain.stop().await;
+
+    let key = "4c0b569e4c96df157eee1b65dd0e4d41";
+    let app = TestApp::builder()
+        .configure(|c| {
+            c.guacamole.url = Some("https://desk.example.org/guacamole".into());
+            c.guacamole.json_secret_key = Some(key.to_string().into());
+        })
+        .spawn()
+        .await;
+    let (_, handle, vm) = app.held_vm(1, 2).await;
+    let r = app
+        .client
+        .post(format!("{}/api/v1/pools/default/sessions/{handle}/extend", app.base))
+        .json(&serde_json::json!({"ms": 600_000}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "extend");
+    let s = app.json(&format!("/api/v1/pools/default/sessions/{handle}")).await;
+    let r = app.post(&format!("/api/v1/pools/default/sessions/{handle}/guacamole")).await;
+    assert_eq!(r.status(), 201);
+    let link: Value = r.json().await.unwrap();
+    let url = link["url"].as_str().unwrap();
+    let data = url.strip_prefix("https://desk.example.org/guacamole/?data=").unwrap_or_else(|| panic!("a Guacamole link: {url}"));
+    let token = percent_encoding::percent_decode_str(data).decode_utf8().unwrap().to_string();
+
+    // Guacamole's side, done by openssl: decrypt, check the signature, read the JSON.
+    let zero_iv = "00000000000000000000000000000000";
+    let plain = openssl(&["enc", "-d", "-aes-128-cbc", "-K", key, "-iv", zero_iv, "-nosalt", "-a", "-A"], token.as_bytes());
+    let (mac, json) = plain.split_at(32);
+    let expect = openssl(&["dgst", "-sha256", "-mac", "HMAC", "-macopt", &format!("hexkey:{key}"), "-binary"], json);
+    assert_eq!(mac, expect.as_slice(), "signed with the shared key");
+    let auth: Value = serde_json::from_slice(json).unwrap();
+    assert_eq!(auth["username"], format!("default.{handle}"));
+    assert_eq!(auth["expires"], s["expires_at"], "the link expires with the handle");
+    assert_eq!(auth["singleUse"], true);
+    let conns = auth["connections"].as_object().unwrap();
+    assert_eq!(conns.len(), 1, "exactly one connection: {auth}");
+    let (name, c) = conns.iter().next().unwrap();
+    assert_eq!(name, &format!("default-vm-{vm}"));
+    assert_eq!(c["protocol"], "vnc");
+    assert_eq!(c["parameters"]["hostname"], s["vnc"]["host"]);
+    assert_eq!(c["parameters"]["port"], s["vnc"]["port"].as_u64().unwrap().to_string());
+    assert_eq!(c["parameters"]["password"], s["vnc"]["password"]);
+    app.stop().await;
+}

@@ -1,0 +1,344 @@
+//! The REST client's requests checked against the documented shapes (spec §2). `FakeGuacamole`
+//! stands in for Guacamole's REST API: no Guacamole server runs here (it needs a servlet
+//! container and guacd, neither of which this platform provides). It records every request and
+//! answers as the documentation says Guacamole does; the tests assert method, path, headers and
+//! bodies exactly. They prove the hive speaks the documented protocol, not that a real
+//! Guacamole accepts it.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{HeaderMap, Method};
+use parking_lot::Mutex;
+use secrecy::SecretString;
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use warp::Filter;
+use warp::http::StatusCode;
+use warp::reply::Reply;
+
+use super::rest::{RestClient, client_link};
+use super::{Guacamole, GuacamoleConfig, GuacamoleMode, VncTarget};
+
+const ADMIN: &str = "hive-admin";
+const PASSWORD: &str = "p@ss w+rd&=";
+
+#[derive(Clone, Debug)]
+struct Seen {
+    method: Method,
+    path: String,
+    token: Option<String>,
+    content_type: Option<String>,
+    body: Bytes,
+}
+
+impl Seen {
+    fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap()
+    }
+
+    fn form(&self) -> BTreeMap<String, String> {
+        url_form(&self.body)
+    }
+}
+
+fn url_form(body: &[u8]) -> BTreeMap<String, String> {
+    let s = std::str::from_utf8(body).unwrap();
+    s.split('&')
+        .filter(|p| !p.is_empty())
+        .map(|pair| {
+            let (k, v) = pair.split_once('=').unwrap();
+            let dec = |x: &str| percent_encoding::percent_decode_str(&x.replace('+', " ")).decode_utf8().unwrap().to_string();
+            (dec(k), dec(v))
+        })
+        .collect()
+}
+
+#[derive(Default)]
+struct State {
+    seen: Vec<Seen>,
+    /// Tokens Guacamole still honours.
+    live_tokens: Vec<String>,
+    logins: u32,
+    next_connection: u32,
+    connections: BTreeMap<String, Value>,
+    active: BTreeMap<String, Value>,
+}
+
+/// Stands in for Guacamole's REST API: no Guacamole server runs here.
+struct FakeGuacamole {
+    url: String,
+    state: Arc<Mutex<State>>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for FakeGuacamole {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn answer(status: StatusCode, body: Value) -> warp::reply::Response {
+    warp::reply::with_status(warp::reply::json(&body), status).into_response()
+}
+
+fn handle(state: &Mutex<State>, seen: Seen) -> warp::reply::Response {
+    let mut st = state.lock();
+    st.seen.push(seen.clone());
+    let path = seen.path.strip_prefix("/guacamole").unwrap_or(&seen.path).to_string();
+    if path == "/api/tokens" && seen.method == Method::POST {
+        let form = seen.form();
+        if form.get("username").map(String::as_str) != Some(ADMIN) || form.get("password").map(String::as_str) != Some(PASSWORD) {
+            return answer(StatusCode::FORBIDDEN, json!({"message": "Invalid login.", "type": "INVALID_CREDENTIALS"}));
+        }
+        st.logins += 1;
+        let token = format!("{:064X}", 0xA0 + st.logins);
+        st.live_tokens.push(token.clone());
+        return answer(
+            StatusCode::OK,
+            json!({"authToken": token, "username": ADMIN, "dataSource": "postgresql", "availableDataSources": ["postgresql", "postgresql-shared"]}),
+        );
+    }
+    if let Some(token) = path.strip_prefix("/api/tokens/") {
+        let token = token.to_string();
+        st.live_tokens.retain(|t| *t != token);
+        return warp::reply::with_status(warp::reply(), StatusCode::NO_CONTENT).into_response();
+    }
+    let Some(rest) = path.strip_prefix("/api/session/data/postgresql/") else {
+        return answer(StatusCode::NOT_FOUND, json!({"message": "Not found.", "type": "NOT_FOUND"}));
+    };
+    if !seen.token.as_ref().is_some_and(|t| st.live_tokens.contains(t)) {
+        return answer(StatusCode::FORBIDDEN, json!({"message": "Permission Denied.", "type": "PERMISSION_DENIED"}));
+    }
+    match (seen.method.clone(), rest) {
+        (Method::POST, "connections") => {
+            st.next_connection += 1;
+            let id = st.next_connection.to_string();
+            let mut created = seen.json();
+            created["identifier"] = id.clone().into();
+            st.connections.insert(id, created.clone());
+            answer(StatusCode::OK, created)
+        }
+        (Method::DELETE, r) if r.starts_with("connections/") => {
+            let id = &r["connections/".len()..];
+            match st.connections.remove(id) {
+                Some(_) => warp::reply::with_status(warp::reply(), StatusCode::NO_CONTENT).into_response(),
+                None => answer(StatusCode::NOT_FOUND, json!({"message": "No such connection.", "type": "NOT_FOUND"})),
+            }
+        }
+        (Method::GET, "activeConnections") => answer(StatusCode::OK, Value::Object(st.active.clone().into_iter().collect())),
+        (Method::PATCH, "activeConnections") => {
+            for op in seen.json().as_array().unwrap() {
+                let id = op["path"].as_str().unwrap().trim_start_matches('/').to_string();
+                st.active.remove(&id);
+            }
+            warp::reply::with_status(warp::reply(), StatusCode::NO_CONTENT).into_response()
+        }
+        _ => answer(StatusCode::NOT_FOUND, json!({"message": "Not found.", "type": "NOT_FOUND"})),
+    }
+}
+
+impl FakeGuacamole {
+    async fn start() -> FakeGuacamole {
+        let state = Arc::new(Mutex::new(State::default()));
+        let s = state.clone();
+        let routes = warp::method().and(warp::path::full()).and(warp::header::headers_cloned()).and(warp::body::bytes()).map(
+            move |method: Method, path: warp::path::FullPath, headers: HeaderMap, body: Bytes| {
+                let header = |name: &str| headers.get(name).map(|v| v.to_str().unwrap().to_string());
+                let seen = Seen {
+                    method,
+                    path: path.as_str().to_string(),
+                    token: header("guacamole-token"),
+                    content_type: header("content-type"),
+                    body,
+                };
+                handle(&s, seen)
+            },
+        );
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/guacamole", listener.local_addr().unwrap());
+        let task = tokio::spawn(warp::serve(routes).incoming(listener).run());
+        FakeGuacamole { url, state, task }
+    }
+
+    fn seen(&self) -> Vec<Seen> {
+        self.state.lock().seen.clone()
+    }
+
+    /// Guacamole forgets every API session, as after 60 idle minutes.
+    fn expire_sessions(&self) {
+        self.state.lock().live_tokens.clear();
+    }
+
+    fn add_active(&self, active_id: &str, connection: &str) {
+        self.state.lock().active.insert(
+            active_id.into(),
+            json!({"identifier": active_id, "connectionIdentifier": connection, "username": "alice", "startDate": 1718153645993i64, "remoteHost": "10.0.0.1"}),
+        );
+    }
+
+    fn client(&self, password: &str) -> RestClient {
+        let cfg = GuacamoleConfig {
+            url: Some("https://desk.example.org/guacamole/".into()),
+            api_url: Some(self.url.clone()),
+            mode: GuacamoleMode::Rest,
+            username: Some(ADMIN.into()),
+            password: Some(SecretString::from(password)),
+            ..GuacamoleConfig::default()
+        };
+        RestClient::from_config(&cfg, reqwest::Client::builder().no_proxy().build().unwrap()).unwrap()
+    }
+}
+
+fn target() -> VncTarget {
+    VncTarget {
+        hostname: "10.1.2.3".into(),
+        port: 5901,
+        password: Some(SecretString::from("vnc-secret")),
+        guacd_hostname: Some("node-7.internal".into()),
+    }
+}
+
+/// The token `FakeGuacamole` hands out at its `login`-th login.
+fn token(login: u32) -> String {
+    format!("{:064X}", 0xA0 + login)
+}
+
+#[tokio::test]
+async fn doc_shape_login_form_then_token_header_on_create() {
+    let fake = FakeGuacamole::start().await;
+    let c = fake.client(PASSWORD);
+    let id = c.create_vnc("vm-42 (alice)", &target()).await.unwrap();
+    assert_eq!(id, "1");
+
+    let seen = fake.seen();
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    let login = &seen[0];
+    assert_eq!(login.method, Method::POST);
+    assert_eq!(login.path, "/guacamole/api/tokens");
+    assert_eq!(login.content_type.as_deref(), Some("application/x-www-form-urlencoded"));
+    assert_eq!(login.form(), BTreeMap::from([("username".into(), ADMIN.into()), ("password".into(), PASSWORD.into())]));
+    assert_eq!(login.token, None);
+
+    let create = &seen[1];
+    assert_eq!(create.method, Method::POST);
+    assert_eq!(create.path, "/guacamole/api/session/data/postgresql/connections");
+    assert_eq!(create.token.as_deref(), Some(token(1).as_str()), "the token rides in Guacamole-Token");
+    assert_eq!(create.content_type.as_deref(), Some("application/json"));
+    assert_eq!(
+        create.json(),
+        json!({
+            "parentIdentifier": "ROOT",
+            "name": "vm-42 (alice)",
+            "protocol": "vnc",
+            "parameters": {"hostname": "10.1.2.3", "port": "5901", "password": "vnc-secret"},
+            "attributes": {"max-connections": "1", "max-connections-per-user": "1", "guacd-hostname": "node-7.internal", "guacd-port": "4822"}
+        })
+    );
+    assert!(!format!("{c:?}").contains(PASSWORD), "the admin password never prints");
+}
+
+#[tokio::test]
+async fn doc_shape_release_ends_live_sessions_with_json_patch_then_deletes() {
+    let fake = FakeGuacamole::start().await;
+    let c = fake.client(PASSWORD);
+    let id = c.create_vnc("vm-1", &target()).await.unwrap();
+    let other = c.create_vnc("vm-2", &target()).await.unwrap();
+    fake.add_active("a-111", &id);
+    fake.add_active("a-222", &other);
+    fake.add_active("a-333", &id);
+    let before = fake.seen().len();
+
+    let g = Guacamole::Rest(c);
+    g.release(Some(&id)).await.unwrap();
+
+    let seen = fake.seen()[before..].to_vec();
+    let calls: Vec<(Method, &str)> = seen.iter().map(|s| (s.method.clone(), s.path.as_str())).collect();
+    let conn_path = format!("/guacamole/api/session/data/postgresql/connections/{id}");
+    assert_eq!(
+        calls,
+        vec![
+            (Method::GET, "/guacamole/api/session/data/postgresql/activeConnections"),
+            (Method::PATCH, "/guacamole/api/session/data/postgresql/activeConnections"),
+            (Method::DELETE, conn_path.as_str()),
+        ]
+    );
+    assert_eq!(seen[1].content_type.as_deref(), Some("application/json"));
+    assert_eq!(seen[1].json(), json!([{"op": "remove", "path": "/a-111"}, {"op": "remove", "path": "/a-333"}]));
+    assert!(seen.iter().all(|s| s.token.as_deref() == Some(token(1).as_str())));
+    assert_eq!(fake.state.lock().active.keys().collect::<Vec<_>>(), vec!["a-222"], "only the released connection's sessions end");
+
+    // Releasing again: no sessions to end (no PATCH), and a connection already gone is fine.
+    let before = fake.seen().len();
+    g.release(Some(&id)).await.unwrap();
+    let again: Vec<Method> = fake.seen()[before..].iter().map(|s| s.method.clone()).collect();
+    assert_eq!(again, vec![Method::GET, Method::DELETE]);
+}
+
+#[tokio::test]
+async fn doc_shape_idle_session_relogs_in_once_and_repeats_the_request() {
+    let fake = FakeGuacamole::start().await;
+    let c = fake.client(PASSWORD);
+    c.create_vnc("vm-1", &target()).await.unwrap();
+    fake.expire_sessions();
+    let before = fake.seen().len();
+
+    let id = c.create_vnc("vm-2", &target()).await.unwrap();
+    assert_eq!(id, "2");
+    let seen = fake.seen()[before..].to_vec();
+    let calls: Vec<(Method, &str, Option<String>)> = seen.iter().map(|s| (s.method.clone(), s.path.as_str(), s.token.clone())).collect();
+    let conns = "/guacamole/api/session/data/postgresql/connections";
+    assert_eq!(
+        calls,
+        vec![(Method::POST, conns, Some(token(1))), (Method::POST, "/guacamole/api/tokens", None), (Method::POST, conns, Some(token(2))),]
+    );
+    assert_eq!(seen[0].body, seen[2].body, "the same request, repeated");
+    assert_eq!(seen[1].form()["password"], PASSWORD);
+}
+
+#[tokio::test]
+async fn doc_shape_refused_login_is_an_error_not_a_loop() {
+    let fake = FakeGuacamole::start().await;
+    let c = fake.client("wrong");
+    let e = c.create_vnc("vm-1", &target()).await.unwrap_err().to_string();
+    assert!(e.contains("login") && e.contains("403"), "{e}");
+    assert!(!e.contains("wrong"), "{e}");
+    let seen = fake.seen();
+    assert_eq!(seen.len(), 1, "one login attempt, no connection request: {seen:?}");
+}
+
+#[tokio::test]
+async fn doc_shape_client_link_and_logout() {
+    let fake = FakeGuacamole::start().await;
+    let c = fake.client(PASSWORD);
+    let link = c.link("17").await.unwrap();
+    // base64("17\0c\0postgresql") = "MTcAYwBwb3N0Z3Jlc3Fs", on the browser-facing URL.
+    assert_eq!(link, "https://desk.example.org/guacamole/#/client/MTcAYwBwb3N0Z3Jlc3Fs");
+    // `/`, `+` and `=` of base64 are escaped so the route stays one segment.
+    let padded = client_link("https://g.example/guacamole", "5", "mysql");
+    assert_eq!(padded, "https://g.example/guacamole/#/client/NQBjAG15c3Fs");
+    assert_eq!(client_link("https://g.example", "~~~", "x"), "https://g.example/#/client/fn5%2BAGMAeA%3D%3D");
+    assert_eq!(client_link("https://g.example", "???", "x"), "https://g.example/#/client/Pz8%2FAGMAeA%3D%3D");
+
+    c.logout().await.unwrap();
+    let last = fake.seen().pop().unwrap();
+    assert_eq!(last.method, Method::DELETE);
+    assert_eq!(last.path, format!("/guacamole/api/tokens/{}", token(1)));
+    assert!(fake.state.lock().live_tokens.is_empty());
+    let n = fake.seen().len();
+    c.logout().await.unwrap();
+    assert_eq!(fake.seen().len(), n, "no session, nothing to log out");
+}
+
+#[tokio::test]
+async fn doc_shape_unrouted_vm_leaves_guacd_attributes_out() {
+    let fake = FakeGuacamole::start().await;
+    let c = fake.client(PASSWORD);
+    let t = VncTarget { guacd_hostname: None, password: None, ..target() };
+    c.create_vnc("vm-1", &t).await.unwrap();
+    let create = fake.seen().pop().unwrap();
+    assert_eq!(create.json()["attributes"], json!({"max-connections": "1", "max-connections-per-user": "1"}));
+    assert_eq!(create.json()["parameters"], json!({"hostname": "10.1.2.3", "port": "5901"}));
+}
