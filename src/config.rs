@@ -273,7 +273,10 @@ impl HiveConfig {
         // The environment is passed in (not read here) so tests never set process variables.
         for (k, v) in env.iter().filter(|(k, _)| k.starts_with("HIVE_") && k != "HIVE_CONFIG") {
             let key = k["HIVE_".len()..].to_ascii_lowercase().replace("__", ".");
-            fig = fig.merge(Serialized::default(&key, parse_env_value(v)));
+            // Text settings stay text: a token or key of digits only is still a string (and,
+            // as a secret, must not be echoed in a type error).
+            let value = if TEXT_KEYS.contains(&key.as_str()) { v.as_str().into() } else { parse_env_value(v) };
+            fig = fig.merge(Serialized::default(&key, value));
         }
         let cfg: HiveConfig = fig.extract().map_err(|e| ConfigError::Invalid(e.into_iter().map(|e| e.to_string()).collect()))?;
         cfg.validate()?;
@@ -382,6 +385,17 @@ impl HiveConfig {
     }
 }
 
+/// Settings that are text whatever they look like.
+const TEXT_KEYS: &[&str] = &[
+    "admin_token",
+    "database_url",
+    "coord.redis_url",
+    "coord.advertise_url",
+    "guacamole.json_secret_key",
+    "guacamole.password",
+    "guacamole.username",
+];
+
 /// Environment values are strings; numbers and booleans are given their type so that
 /// `HIVE_POOL__MAX_CAP=50` fills a `u32`.
 fn parse_env_value(v: &str) -> figment::value::Value {
@@ -406,6 +420,18 @@ mod tests {
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
         pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn secrets_of_digits_only_stay_text() {
+        let cfg = HiveConfig::load(
+            None,
+            &env(&[("HIVE_ADMIN_TOKEN", "12345678901234"), ("HIVE_GUACAMOLE__JSON_SECRET_KEY", "12345678901234567890123456789012")]),
+        )
+        .expect("loads");
+        assert_eq!(cfg.admin_token.as_ref().map(|t| t.expose_secret().to_string()).as_deref(), Some("12345678901234"));
+        let key = cfg.guacamole.json_secret_key.as_ref().map(|k| k.expose_secret().to_string());
+        assert_eq!(key.as_deref(), Some("12345678901234567890123456789012"));
     }
 
     #[test]
