@@ -9,8 +9,11 @@
 #   - a private libvirtd (its own config and socket under /run/guaca-hive) plus virtlogd;
 #   - Prometheus (`promtool` and the server the metrics test starts on a loopback port; the
 #     system service stays stopped);
+#   - Chromium and ChromeDriver (chromium-driver pulls chromium in) for the browser tests;
 #   - the tiny test guests (a Debian kernel and a busybox initramfs; `tiny-net` adds DHCP and
-#     dropbear, from dropbear-bin), see build-test-guest.sh.
+#     dropbear, from dropbear-bin), see build-test-guest.sh;
+#   - the desktop driver's processes: Xvfb, x11vnc and Chromium (with one small font, for pages
+#     with text; the tests read the screen over VNC, so no screenshot tool is needed).
 # Needs root (it runs apt-get). Prints the libvirt URI the tests use.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -32,6 +35,10 @@ command -v pkg-config >/dev/null || need+=(pkg-config)
 command -v redis-server >/dev/null || need+=(redis-server)
 command -v promtool >/dev/null || need+=(prometheus)
 command -v pg_ctlcluster >/dev/null && command -v psql >/dev/null || need+=(postgresql)
+command -v Xvfb >/dev/null || need+=(xvfb)
+command -v x11vnc >/dev/null || need+=(x11vnc)
+command -v chromium >/dev/null || need+=(chromium)
+command -v chromedriver >/dev/null || need+=(chromium-driver)
 
 if [ ${#need[@]} -gt 0 ]; then
     if [ "$(id -u)" != 0 ]; then
@@ -66,6 +73,10 @@ SRC
     apt-get install -y -qq -o Dpkg::Use-Pty=0 --no-install-recommends prometheus >/dev/null
     # Postgres for the store tests; started below by postgres-up.sh, not by the package.
     apt-get install -y -qq -o Dpkg::Use-Pty=0 postgresql postgresql-client >/dev/null
+    # The desktop driver's; recommends (xauth, x11-utils) are not needed.
+    apt-get install -y -qq -o Dpkg::Use-Pty=0 --no-install-recommends xvfb x11vnc chromium fonts-dejavu-core >/dev/null
+    # The browser tests drive Debian's Chromium through its ChromeDriver.
+    apt-get install -y -qq -o Dpkg::Use-Pty=0 chromium chromium-driver >/dev/null
     if [ $made_policy = 1 ]; then rm -f /usr/sbin/policy-rc.d; fi
 fi
 

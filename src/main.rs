@@ -37,7 +37,8 @@ struct NodeArgs {
     /// environment (HIVE_NODE_TOKEN) to keep it out of the process list.
     #[arg(long, env = "HIVE_NODE_TOKEN", hide_env_values = true)]
     token: Option<String>,
-    /// Hypervisor driver: `sim` (a simulator; no real VMs) or `libvirt`.
+    /// Hypervisor driver: `sim` (a simulator; no real VMs), `libvirt`, or `desktop` (desktops
+    /// made of processes: Xvfb, x11vnc and a browser in kiosk mode).
     #[arg(long, default_value = "sim")]
     driver: String,
     /// Cores to lend (default: all logical CPUs).
@@ -72,6 +73,22 @@ struct NodeArgs {
     stock: usize,
     #[command(flatten)]
     libvirt: LibvirtArgs,
+    #[command(flatten)]
+    desktop: DesktopArgs,
+}
+
+/// `--driver desktop` only.
+#[derive(Args)]
+struct DesktopArgs {
+    /// The desktops' logs and browser profiles (default: <data-dir>/desktops).
+    #[arg(long)]
+    desktop_root: Option<PathBuf>,
+    /// Where the desktops' VNC servers listen.
+    #[arg(long, default_value = "127.0.0.1")]
+    desktop_vnc_listen: String,
+    /// The browser (Chromium or one taking its flags).
+    #[arg(long, default_value = "chromium")]
+    desktop_browser: String,
 }
 
 /// `--driver libvirt` only (the build needs `--features libvirt`).
@@ -205,7 +222,17 @@ async fn node(a: NodeArgs) -> anyhow::Result<()> {
             std::sync::Arc::new(SimHypervisor::new("agent", 200, SimTimings::default(), Some(a.data_dir.join("sim-state.json"))))
         }
         "libvirt" => libvirt_driver(a.libvirt, &a.data_dir).await?,
-        other => anyhow::bail!("unknown driver {other:?}: use sim or libvirt"),
+        "desktop" => {
+            use guaca_hive::drivers::desktop::{DesktopConfig, DesktopHypervisor};
+            let cfg = DesktopConfig {
+                root: a.desktop.desktop_root.unwrap_or_else(|| a.data_dir.join("desktops")),
+                vnc_listen: a.desktop.desktop_vnc_listen,
+                browser: a.desktop.desktop_browser,
+                ..DesktopConfig::default()
+            };
+            std::sync::Arc::new(DesktopHypervisor::new(cfg).await?)
+        }
+        other => anyhow::bail!("unknown driver {other:?}: use sim, libvirt or desktop"),
     };
     let (cpus, ram, disk_free) = guaca_hive::agent::host::HostSampler::new(&a.data_dir).capacity();
     let offer =

@@ -110,10 +110,11 @@ impl Actor for SessionActor {
                         tokio::spawn(async move {
                             let r = driver.prepare(&domain, &spec).await;
                             log_failure(vm, "prepare", &r);
-                            pool.report(DriverReport::Prepared { vm, op, ok: r.is_ok() });
+                            let vnc_passwd = vnc_password(&driver, &domain, &r).await;
+                            pool.report(DriverReport::Prepared { vm, op, ok: r.is_ok(), vnc_passwd });
                         });
                     }
-                    None => pool.report(DriverReport::Prepared { vm, op, ok: false }),
+                    None => pool.report(DriverReport::Prepared { vm, op, ok: false, vnc_passwd: None }),
                 }
             }
             SessionMsg::Cleanup { op } => {
@@ -128,10 +129,11 @@ impl Actor for SessionActor {
                                 crate::metrics::instantiation(driver.kind(), "revert", t.elapsed());
                             }
                             log_failure(vm, "cleanup", &r);
-                            pool.report(DriverReport::Cleaned { vm, op, ok: r.is_ok() });
+                            let vnc_passwd = vnc_password(&driver, &domain, &r).await;
+                            pool.report(DriverReport::Cleaned { vm, op, ok: r.is_ok(), vnc_passwd });
                         });
                     }
-                    None => pool.report(DriverReport::Cleaned { vm, op, ok: false }),
+                    None => pool.report(DriverReport::Cleaned { vm, op, ok: false, vnc_passwd: None }),
                 }
             }
             SessionMsg::Kill => {
@@ -264,4 +266,17 @@ async fn boot(me: ActorRef<SessionMsg>, key: VmKey, op: u64, pool: PoolHandle, n
     };
     let address = VmAddress { ip: guest.ip, public_ip: placed.address, vnc_port: console.port, vnc_passwd: console.password };
     pool.report(DriverReport::Booted { vm, op, address });
+}
+
+/// After a step that succeeded, the VNC password as the driver has it now (some drivers give
+/// every user a new one).
+async fn vnc_password<T>(
+    driver: &std::sync::Arc<dyn crate::drivers::Hypervisor>,
+    domain: &str,
+    step: &Result<T, crate::drivers::DriverError>,
+) -> Option<String> {
+    if step.is_err() {
+        return None;
+    }
+    driver.console(domain).await.ok().map(|c| c.password)
 }

@@ -3,9 +3,10 @@
 //!
 //! Drivers: `sim` (in-process simulator for `hive up`, tests at scale and benchmarks; it is a
 //! simulator and says so in every name it hands out). libvirt and others come later behind the
-//! same trait.
+//! same trait. `desktop`: a desktop made of processes on the node (Xvfb, x11vnc, a browser).
 
 pub mod addresses;
+pub mod desktop;
 pub mod domain_xml;
 #[cfg(feature = "libvirt")]
 pub mod libvirt;
@@ -82,6 +83,7 @@ pub fn backend_label(driver: &str) -> &'static str {
     match driver {
         "sim" => "sim",
         "libvirt" => "libvirt",
+        "desktop" => "desktop",
         _ => "other",
     }
 }

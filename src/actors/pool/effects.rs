@@ -30,11 +30,11 @@ pub(super) async fn run_effect(
         }
         Effect::Prepare { vm, op, home_page, profile_name, .. } => match st.sessions.get(&vm) {
             Some(s) => s.cast(SessionMsg::Prepare { op, spec: PrepareSpec { home_page, profile_name } })?,
-            None => st.args.handle.report(DriverReport::Prepared { vm, op, ok: false }),
+            None => st.args.handle.report(DriverReport::Prepared { vm, op, ok: false, vnc_passwd: None }),
         },
         Effect::Cleanup { vm, op } => match st.sessions.get(&vm) {
             Some(s) => s.cast(SessionMsg::Cleanup { op })?,
-            None => st.args.handle.report(DriverReport::Cleaned { vm, op, ok: false }),
+            None => st.args.handle.report(DriverReport::Cleaned { vm, op, ok: false, vnc_passwd: None }),
         },
         Effect::Kill { vm, placement } => match st.sessions.remove(&vm) {
             Some(s) => {

@@ -58,12 +58,38 @@ pub struct HandleView {
 /// What a driver task learned; tagged with the operation number the rules gave it.
 #[derive(Clone, Debug)]
 pub enum DriverReport {
-    Created { vm: VmId, op: u64, placement: Placement },
-    Booted { vm: VmId, op: u64, address: VmAddress },
-    BootFailed { vm: VmId, op: u64, placement: Option<Placement> },
-    Prepared { vm: VmId, op: u64, ok: bool },
-    Cleaned { vm: VmId, op: u64, ok: bool },
-    Pinged { vm: VmId, ok: bool },
+    Created {
+        vm: VmId,
+        op: u64,
+        placement: Placement,
+    },
+    Booted {
+        vm: VmId,
+        op: u64,
+        address: VmAddress,
+    },
+    BootFailed {
+        vm: VmId,
+        op: u64,
+        placement: Option<Placement>,
+    },
+    /// `vnc_passwd`: the VNC password after the step, when the driver could tell.
+    Prepared {
+        vm: VmId,
+        op: u64,
+        ok: bool,
+        vnc_passwd: Option<String>,
+    },
+    Cleaned {
+        vm: VmId,
+        op: u64,
+        ok: bool,
+        vnc_passwd: Option<String>,
+    },
+    Pinged {
+        vm: VmId,
+        ok: bool,
+    },
 }
 
 pub(super) type Reply<T> = RpcReplyPort<Result<T, PoolError>>;
@@ -320,8 +346,18 @@ impl Actor for PoolManager {
                     DriverReport::Created { vm, op, placement } => pool.created(vm, op, placement, now),
                     DriverReport::Booted { vm, op, address } => pool.booted(vm, op, address, now),
                     DriverReport::BootFailed { vm, op, placement } => pool.boot_failed(vm, op, placement, now),
-                    DriverReport::Prepared { vm, op, ok } => pool.prepared(vm, op, ok, now),
-                    DriverReport::Cleaned { vm, op, ok } => pool.cleaned(vm, op, ok, now),
+                    DriverReport::Prepared { vm, op, ok, vnc_passwd } => {
+                        if let Some(pw) = vnc_passwd {
+                            pool.vnc_password(vm, op, pw);
+                        }
+                        pool.prepared(vm, op, ok, now)
+                    }
+                    DriverReport::Cleaned { vm, op, ok, vnc_passwd } => {
+                        if let Some(pw) = vnc_passwd {
+                            pool.vnc_password(vm, op, pw);
+                        }
+                        pool.cleaned(vm, op, ok, now)
+                    }
                     DriverReport::Pinged { vm, ok } => pool.pinged(vm, ok, now),
                 }
                 apply(&me, st).await?;

@@ -75,6 +75,18 @@ impl PoolState {
         self.run(now);
     }
 
+    /// A driver that gives each user a new VNC password (the desktop driver, on prepare and
+    /// clean-up) said what it is now; recorded before the step's result, so a VM is never handed
+    /// over with a password that no longer works.
+    pub fn vnc_password(&mut self, vm: VmId, op: u64, password: String) {
+        if let Some(v) = self.vm_in(vm, op, VmState::Wait) {
+            if v.address.vnc_passwd != password {
+                v.address.vnc_passwd = password;
+                self.dirty.vms.insert(vm);
+            }
+        }
+    }
+
     /// Clean-up ended: WAIT → FREE, or ERROR.
     pub fn cleaned(&mut self, vm: VmId, op: u64, ok: bool, now: Millis) {
         if let Some(v) = self.vm_in(vm, op, VmState::Wait) {

@@ -283,6 +283,26 @@ fn sessions_end_at_the_maximum_duration_after_a_warning() {
 }
 
 #[test]
+fn a_password_rotated_by_prepare_is_the_one_handed_over() {
+    let mut p = pool(0, 1, 60_000);
+    let batch = p.prepare_batch(1, "a".into(), T0).unwrap();
+    let Effect::Boot { vm, op } = p.take_effects()[0] else { unreachable!() };
+    p.created(vm, op, Placement { node: 1, domain: "x".into() }, T0);
+    p.booted(vm, op, VmAddress { vnc_passwd: "at-boot".into(), ..VmAddress::default() }, T0);
+    let Effect::Prepare { vm, op, .. } = p.take_effects()[0].clone() else { panic!() };
+    p.take_dirty();
+    // A stale report (another op) changes nothing; the step's own does, before READY.
+    p.vnc_password(vm, op + 100, "stale".into());
+    assert_eq!(p.vm(vm).unwrap().address.vnc_passwd, "at-boot");
+    p.vnc_password(vm, op, "fresh".into());
+    assert!(p.take_dirty().vms.contains(&vm), "the new password is written");
+    p.prepared(vm, op, true, T0);
+    let h = p.lock(batch, T0).unwrap();
+    let held = p.handle(h).and_then(|h| h.vm).and_then(|v| p.vm(v)).unwrap();
+    assert_eq!(held.address.vnc_passwd, "fresh");
+}
+
+#[test]
 fn failed_preparation_requeues_batch_at_front() {
     let mut p = pool(0, 1, 60_000);
     let a = p.prepare_batch(1, "a".into(), T0).unwrap();
