@@ -2,7 +2,7 @@
 """Check web/openapi.json against the warp router.
 
 1. Validates the document as OpenAPI (openapi-spec-validator: `pip install openapi-spec-validator`).
-2. Extracts every (method, path) the router serves from src/http/{mod,ops,images,nodes,lifecycle,agent,gateway}.rs
+2. Extracts every (method, path) the router serves from src/http/{mod,ops,live,images,nodes,lifecycle,agent,gateway,pages}.rs
    and checks that the document describes exactly those operations; that exactly the routes
    that read the Authorization header (`auth()`) carry a security requirement; and that
    exactly those whose handler checks the admin token (`require_admin`) carry `bearerAuth`
@@ -29,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "web" / "openapi.json"
 HTTP = ROOT / "src" / "http"
-ROUTER_FILES = [HTTP / f for f in ("mod.rs", "ops.rs", "images.rs", "nodes.rs", "lifecycle.rs", "agent.rs", "gateway.rs")]
+ROUTER_FILES = [HTTP / f for f in ("mod.rs", "ops.rs", "live.rs", "images.rs", "nodes.rs", "lifecycle.rs", "agent.rs", "gateway.rs", "pages.rs")]
 METHODS = ("get", "post", "put", "patch", "delete")
 
 LET = re.compile(r"\blet\s+(?:mut\s+)?(\w+)\s*=\s*(.*?);", re.S)

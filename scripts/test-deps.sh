@@ -76,7 +76,7 @@ SRC
     # The desktop driver's; recommends (xauth, x11-utils) are not needed.
     apt-get install -y -qq -o Dpkg::Use-Pty=0 --no-install-recommends xvfb x11vnc chromium fonts-dejavu-core >/dev/null
     # The browser tests drive Debian's Chromium through its ChromeDriver.
-    apt-get install -y -qq -o Dpkg::Use-Pty=0 chromium chromium-driver >/dev/null
+    apt-get install -y -qq -o Dpkg::Use-Pty=0 chromium-driver >/dev/null
     if [ $made_policy = 1 ]; then rm -f /usr/sbin/policy-rc.d; fi
 fi
 

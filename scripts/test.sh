@@ -7,5 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/test-deps.sh
+# noVNC for the session page, from npm (web/package-lock.json).
+scripts/build-web.sh
 cargo build --bins
 cargo test --all-targets --features libvirt "$@"

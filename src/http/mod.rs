@@ -9,7 +9,9 @@
 //! `images.rs` (`/api/v1/images`: uploads, images, manifests and pieces), `nodes.rs` (join
 //! tokens, joining, node admin, rewards, ratings), `lifecycle.rs` (users, baseimages,
 //! environments, deployments, apps), `agent.rs` (the agents' WebSocket),
-//! `ops.rs` (`/healthz`, `/readyz`, `/metrics`, the monitor page and its live stream).
+//! `ops.rs` (`/healthz`, `/readyz`, `/metrics`, the monitor page and a pool's live stream),
+//! `live.rs` (`/api/v1/live`, the whole hive's live stream for the monitor page),
+//! `pages.rs` (the session page and noVNC's modules).
 
 mod agent;
 mod api;
@@ -19,8 +21,10 @@ pub mod forward;
 mod gateway;
 mod images;
 mod lifecycle;
+mod live;
 mod nodes;
 mod ops;
+pub mod pages;
 mod reply;
 pub mod vmcloud;
 
@@ -71,6 +75,10 @@ pub fn routes(hive: Hive) -> BoxedFilter<(Response,)> {
         .or(agent::route(hive.clone()))
         .unify()
         .or(gateway::routes(hive.clone()))
+        .unify()
+        .or(pages::routes(hive.clone()))
+        .unify()
+        .or(live::routes(hive.clone()))
         .unify()
         .or(ops::routes(hive))
         .unify()
