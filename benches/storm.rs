@@ -110,6 +110,7 @@ async fn agent(base: String, join: String, i: usize, stop: tokio::sync::watch::R
         domains: vec![],
         images: vec![],
         peer_url: None,
+        behind_nat: false,
     });
     tx.send(Message::text(serde_json::to_string(&hello)?)).await?;
     let mut beat = tokio::time::interval(Duration::from_secs(1));

@@ -71,6 +71,10 @@ struct NodeArgs {
     /// Ready copies to keep of every image the node holds.
     #[arg(long, default_value_t = 2)]
     stock: usize,
+    /// The hive cannot reach --address (NAT): it reaches the VMs' VNC through this agent's
+    /// connection instead.
+    #[arg(long)]
+    behind_nat: bool,
     #[command(flatten)]
     libvirt: LibvirtArgs,
     #[command(flatten)]
@@ -255,6 +259,7 @@ async fn node(a: NodeArgs) -> anyhow::Result<()> {
         backoff_max: std::time::Duration::from_secs(30),
         peer_listen: a.peer_listen,
         stock: a.stock,
+        behind_nat: a.behind_nat,
         caps: guaca_hive::agent::images::Caps { up: a.upload_mbps.map(|m| m * 1_000_000), down: a.download_mbps.map(|m| m * 1_000_000) },
     };
     tokio::select! {

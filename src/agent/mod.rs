@@ -7,11 +7,13 @@
 //! - `host`: host context for heartbeats, read from the OS.
 //! - `images`: images fetched as pieces from peers and the hive, and served to peers.
 //! - `stock`: ready copies of each image, so a new VM gets its disk at once.
+//! - `tunnel`: TCP streams on the host (a VM's VNC) carried over the connection, for NAT.
 
 pub mod host;
 pub mod images;
 pub mod proto;
 pub mod run;
 pub mod stock;
+pub mod tunnel;
 
 pub use run::{AgentConfig, AgentError, run};

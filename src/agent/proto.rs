@@ -58,6 +58,10 @@ pub struct Hello {
     /// Where the node's piece server answers peers (`http://host:port`).
     #[serde(default)]
     pub peer_url: Option<String>,
+    /// The hive cannot reach this host's addresses (NAT): VNC goes through this connection
+    /// (`TunnelOpen`) instead of straight to `addresses`.
+    #[serde(default)]
+    pub behind_nat: bool,
 }
 
 /// The node cache's read counters (every read is exactly one of the first four).
@@ -111,6 +115,17 @@ pub enum AgentMsg {
         id: u64,
         result: Result<CmdOk, DriverError>,
     },
+    /// Bytes (base64) read from the node's end of tunnel `tunnel`.
+    TunnelData {
+        tunnel: u64,
+        data: String,
+    },
+    /// The node's end of the tunnel ended: EOF (`error` none) or it could not connect / broke.
+    TunnelClose {
+        tunnel: u64,
+        #[serde(default)]
+        error: Option<String>,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -128,6 +143,25 @@ pub enum HiveMsg {
     /// The hive will not talk to this agent (removed node, wrong version); do not reconnect.
     Refused {
         reason: String,
+    },
+    /// Open a TCP stream on the node to `port` (a VM's VNC) and carry its bytes over this
+    /// connection. The agent connects to loopback, or to `host` only when it is one of its own
+    /// addresses: the hive cannot make a node connect anywhere else. Only a hive that saw
+    /// `behind_nat` in the hello sends this, so an older agent never gets one.
+    TunnelOpen {
+        tunnel: u64,
+        port: u16,
+        #[serde(default)]
+        host: Option<String>,
+    },
+    /// Bytes (base64) for the node's end of tunnel `tunnel`.
+    TunnelData {
+        tunnel: u64,
+        data: String,
+    },
+    /// The hive's end is gone; the agent closes the stream.
+    TunnelClose {
+        tunnel: u64,
     },
 }
 
@@ -218,6 +252,7 @@ mod tests {
             domains: vec!["d1".into()],
             images: vec![],
             peer_url: None,
+            behind_nat: false,
         });
         let s = serde_json::to_string(&hello).unwrap();
         assert!(s.starts_with(r#"{"type":"hello""#), "{s}");
@@ -231,6 +266,17 @@ mod tests {
         let s = serde_json::to_string(&cmd).unwrap();
         assert!(s.contains(r#""op":"revert""#), "{s}");
         assert_eq!(serde_json::from_str::<HiveMsg>(&s).unwrap(), cmd);
+
+        let open = HiveMsg::TunnelOpen { tunnel: 9, port: 5901, host: Some("192.0.2.1".into()) };
+        let s = serde_json::to_string(&open).unwrap();
+        assert!(s.starts_with(r#"{"type":"tunnel_open""#), "{s}");
+        assert_eq!(serde_json::from_str::<HiveMsg>(&s).unwrap(), open);
+        let close = AgentMsg::TunnelClose { tunnel: 9, error: Some("refused".into()) };
+        assert_eq!(serde_json::from_str::<AgentMsg>(&serde_json::to_string(&close).unwrap()).unwrap(), close);
+        // An older agent's hello (no `behind_nat`) still reads: the node is reachable directly.
+        let old = r#"{"type":"hello","version":1,"name":"n","offer":{"cores":1,"ram_mb":1,"disk_mb":1},"driver":"sim",
+                      "addresses":[],"domains":[]}"#;
+        assert!(matches!(serde_json::from_str::<AgentMsg>(old).unwrap(), AgentMsg::Hello(Hello { behind_nat: false, .. })));
     }
 
     #[test]

@@ -24,6 +24,7 @@ use tokio_tungstenite::tungstenite::{self, Message};
 use super::host::HostSampler;
 use super::images::{AgentImages, Caps};
 use super::proto::{AGENT_WS_PATH, AgentMsg, CmdOk, Command, Hello, HiveMsg, Offer, PROTOCOL_VERSION};
+use super::tunnel::Tunnels;
 use crate::drivers::Hypervisor;
 use crate::drivers::remote::execute;
 
@@ -59,6 +60,8 @@ pub struct AgentConfig {
     pub caps: Caps,
     /// Ready copies to keep of every image the node holds.
     pub stock: usize,
+    /// The hive cannot reach `addresses`: it reaches VNC through the agent's connection.
+    pub behind_nat: bool,
 }
 
 /// What the agent keeps between runs (`data_dir/credential.json`, mode 0600).
@@ -244,6 +247,7 @@ async fn connect_once(
         domains,
         images: images.held(),
         peer_url: Some(peer_url.to_string()),
+        behind_nat: cfg.behind_nat,
     });
     if let Err(e) = tx.send(text(&hello)).await {
         return Ok(Ended::Failed(e.to_string()));
@@ -260,6 +264,8 @@ async fn connect_once(
     let (out_tx, mut out_rx) = mpsc::unbounded_channel::<AgentMsg>();
     let mut beat = tokio::time::interval(Duration::from_millis(heartbeat_ms.max(10)));
     let mut seq = 0;
+    // Dropped when this connection ends, which closes every tunnel it carried.
+    let mut tunnels = Tunnels::default();
     loop {
         tokio::select! {
             _ = beat.tick() => {
@@ -306,6 +312,9 @@ async fn connect_once(
                         let _ = out.send(AgentMsg::Reply { id, result });
                     });
                 }
+                Some(HiveMsg::TunnelOpen { tunnel, port, host }) => tunnels.open(tunnel, port, host, &cfg.addresses, out_tx.clone()),
+                Some(HiveMsg::TunnelData { tunnel, data }) => tunnels.data(tunnel, &data),
+                Some(HiveMsg::TunnelClose { tunnel }) => tunnels.close(tunnel),
                 Some(HiveMsg::Refused { reason }) => return Err(AgentError::Refused(reason)),
                 Some(HiveMsg::Welcome { .. }) => {}
                 None => return Ok(Ended::AfterWelcome),

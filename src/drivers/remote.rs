@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -18,18 +18,75 @@ use crate::agent::proto::{CmdOk, Command, Fetched, HiveMsg, Peer};
 
 type Pending = HashMap<u64, oneshot::Sender<Result<CmdOk, DriverError>>>;
 
-/// One live connection to an agent: frames to send, and the calls waiting for replies.
+/// What arrives from the node's end of a tunnel: bytes, or why it broke.
+pub type TunnelRx = mpsc::UnboundedReceiver<Result<Vec<u8>, String>>;
+
+/// One live connection to an agent: frames to send, the calls waiting for replies, and the
+/// open tunnels (by id) whose incoming bytes go to their receivers.
 pub struct AgentLink {
     out: mpsc::UnboundedSender<HiveMsg>,
     pending: Mutex<Pending>,
     next_id: AtomicU64,
+    tunnels: Mutex<HashMap<u64, mpsc::UnboundedSender<Result<Vec<u8>, String>>>>,
+}
+
+/// The hive's sending end of a tunnel; dropping it tells the agent to close the stream.
+pub struct TunnelTx {
+    id: u64,
+    link: Arc<AgentLink>,
+}
+
+impl TunnelTx {
+    /// False once the connection to the agent is gone.
+    pub fn send(&self, bytes: &[u8]) -> bool {
+        use base64::Engine;
+        self.link.send(HiveMsg::TunnelData { tunnel: self.id, data: base64::engine::general_purpose::STANDARD.encode(bytes) })
+    }
+}
+
+impl Drop for TunnelTx {
+    fn drop(&mut self) {
+        self.link.tunnels.lock().remove(&self.id);
+        self.link.send(HiveMsg::TunnelClose { tunnel: self.id });
+    }
 }
 
 impl AgentLink {
     /// A link whose outgoing frames the connection task reads from the returned receiver.
     pub fn new() -> (Arc<AgentLink>, mpsc::UnboundedReceiver<HiveMsg>) {
         let (out, rx) = mpsc::unbounded_channel();
-        (Arc::new(AgentLink { out, pending: Mutex::new(HashMap::new()), next_id: AtomicU64::new(1) }), rx)
+        let link = AgentLink { out, pending: Mutex::new(HashMap::new()), next_id: AtomicU64::new(1), tunnels: Mutex::default() };
+        (Arc::new(link), rx)
+    }
+
+    /// Have the agent open a TCP stream to `port` on its node (loopback, or `host` if that is
+    /// one of the node's addresses) and carry it over this connection.
+    pub fn open_tunnel(self: &Arc<Self>, port: u16, host: Option<String>) -> Option<(TunnelTx, TunnelRx)> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.tunnels.lock().insert(id, tx);
+        let sender = TunnelTx { id, link: self.clone() };
+        self.send(HiveMsg::TunnelOpen { tunnel: id, port, host }).then_some((sender, rx))
+    }
+
+    /// Bytes (base64) from the node's end of tunnel `id`.
+    pub fn tunnel_data(&self, id: u64, data: &str) {
+        use base64::Engine;
+        let bytes = base64::engine::general_purpose::STANDARD.decode(data).map_err(|_| "the node sent data that is not base64".to_string());
+        let mut tunnels = self.tunnels.lock();
+        let failed = bytes.is_err();
+        if tunnels.get(&id).is_some_and(|t| t.send(bytes).is_err()) || failed {
+            tunnels.remove(&id);
+        }
+    }
+
+    /// The node's end of tunnel `id` ended (EOF when `error` is none).
+    pub fn tunnel_closed(&self, id: u64, error: Option<String>) {
+        if let Some(t) = self.tunnels.lock().remove(&id) {
+            if let Some(e) = error {
+                let _ = t.send(Err(e));
+            }
+        }
     }
 
     /// Send a frame that expects no reply (e.g. `Welcome`). False if the connection is gone.
@@ -44,9 +101,10 @@ impl AgentLink {
         }
     }
 
-    /// The connection ended: every waiting call fails now.
+    /// The connection ended: every waiting call fails now, and every tunnel ends.
     pub fn close(&self) {
         self.pending.lock().clear();
+        self.tunnels.lock().clear();
     }
 
     async fn call(&self, cmd: Command, timeout: Duration) -> Result<CmdOk, DriverError> {
@@ -72,11 +130,27 @@ pub struct RemoteHypervisor {
     link: Mutex<Option<Arc<AgentLink>>>,
     timeout: Duration,
     backend: Mutex<&'static str>,
+    behind_nat: AtomicBool,
 }
 
 impl RemoteHypervisor {
     pub fn new(timeout: Duration) -> RemoteHypervisor {
-        RemoteHypervisor { link: Mutex::new(None), timeout, backend: Mutex::new("agent") }
+        RemoteHypervisor { link: Mutex::new(None), timeout, backend: Mutex::new("agent"), behind_nat: AtomicBool::new(false) }
+    }
+
+    /// Remember whether the agent said its node is behind NAT (VNC through the tunnel).
+    pub fn set_behind_nat(&self, yes: bool) {
+        self.behind_nat.store(yes, Ordering::Relaxed);
+    }
+
+    pub fn behind_nat(&self) -> bool {
+        self.behind_nat.load(Ordering::Relaxed)
+    }
+
+    /// A tunnel to `port` on the node, over the current connection.
+    pub fn open_tunnel(&self, port: u16, host: Option<String>) -> Result<(TunnelTx, TunnelRx), DriverError> {
+        let link = self.link.lock().clone().ok_or_else(|| DriverError::Failed("node offline".into()))?;
+        link.open_tunnel(port, host).ok_or_else(|| DriverError::Failed("node offline".into()))
     }
 
     /// Remember which driver the agent runs, for `kind()` (metric labels).

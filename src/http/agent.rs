@@ -94,6 +94,8 @@ async fn connection(hive: Hive, node: NodeId, ws: WebSocket) {
                 Some(Ok(m)) if m.is_text() => match m.to_str().map(serde_json::from_str::<AgentMsg>) {
                     Ok(Ok(AgentMsg::Heartbeat { stats, cache, stock, .. })) => registry.heartbeat(node, stats, cache, stock),
                     Ok(Ok(AgentMsg::Reply { id, result })) => link.complete(id, result),
+                    Ok(Ok(AgentMsg::TunnelData { tunnel, data })) => link.tunnel_data(tunnel, &data),
+                    Ok(Ok(AgentMsg::TunnelClose { tunnel, error })) => link.tunnel_closed(tunnel, error),
                     Ok(Ok(AgentMsg::Hello(_))) => tracing::warn!(node.id = node, "second hello on one connection ignored"),
                     Ok(Err(e)) => tracing::warn!(node.id = node, error = %e, "unreadable frame from agent"),
                     Err(()) => {}

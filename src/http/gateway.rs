@@ -6,14 +6,15 @@
 //! connection is closed when the handle is released or expires. Any instance serves the
 //! WebSocket: it asks the pool's instance about the handle.
 //!
-//! Not built yet: reaching a node behind NAT through its agent's connection; the gateway
-//! connects to the node's address directly.
+//! The gateway connects to the node's address directly, unless the VM's node is agent-run and
+//! said it is behind NAT (`hive node --behind-nat`): then the bytes travel through a tunnel
+//! over the agent's own connection to this instance, and the node's address is never dialled.
 
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use warp::filters::BoxedFilter;
 use warp::filters::ws::{Message, WebSocket, Ws};
@@ -108,7 +109,20 @@ async fn session(hive: &Hive, pool: &str, handle: u64) -> Result<Value, ApiError
 
 struct Target {
     grant: Grant,
-    addr: String,
+    vnc: Vnc,
+}
+
+/// Where the VM's VNC is: the node's address and port, and the node.
+struct Vnc {
+    host: String,
+    port: u16,
+    node: Option<u64>,
+}
+
+impl Vnc {
+    fn addr(&self) -> String {
+        if self.host.contains(':') { format!("[{}]:{}", self.host, self.port) } else { format!("{}:{}", self.host, self.port) }
+    }
 }
 
 fn refused(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
@@ -125,12 +139,12 @@ async fn open(hive: &Hive, sid: &str, token: Option<&str>) -> Result<Target, Api
     if sid != format!("{}.{}", grant.pool, grant.handle) {
         return Err(refused(StatusCode::FORBIDDEN, "wrong_session", "the token was issued for another session"));
     }
-    let addr = still_held(hive, &grant).await?;
-    Ok(Target { grant, addr })
+    let vnc = still_held(hive, &grant).await?;
+    Ok(Target { grant, vnc })
 }
 
-/// `host:port` of the VM's VNC while the handle holds the token's VM; 403 once it does not.
-async fn still_held(hive: &Hive, g: &Grant) -> Result<String, ApiError> {
+/// The VM's VNC while the handle holds the token's VM; 403 once it does not.
+async fn still_held(hive: &Hive, g: &Grant) -> Result<Vnc, ApiError> {
     let gone = || refused(StatusCode::FORBIDDEN, "session_ended", format!("session {}.{} no longer holds VM {}", g.pool, g.handle, g.vm));
     let s = match session(hive, &g.pool, g.handle).await {
         Ok(s) => s,
@@ -144,7 +158,7 @@ async fn still_held(hive: &Hive, g: &Grant) -> Result<String, ApiError> {
     if host.is_empty() || port == 0 {
         return Err(ApiError::Unavailable(format!("VM {} has no VNC endpoint yet", g.vm)));
     }
-    Ok(if host.contains(':') { format!("[{host}]:{port}") } else { format!("{host}:{port}") })
+    Ok(Vnc { host: host.to_string(), port: port as u16, node: s["vm"]["node"].as_u64() })
 }
 
 fn upgrade(hive: Hive, ws: Ws, proto: Option<String>, target: Target) -> Response {
@@ -157,13 +171,10 @@ fn upgrade(hive: Hive, ws: Ws, proto: Option<String>, target: Target) -> Respons
 
 async fn pipe(hive: Hive, socket: WebSocket, target: Target) {
     let (mut ws_tx, mut ws_rx) = socket.split();
-    let tcp = match tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(&target.addr)).await {
-        Ok(Ok(t)) => t,
-        Ok(Err(e)) => return close(&mut ws_tx, &format!("cannot reach the VM's VNC at {}: {e}", target.addr)).await,
-        Err(_) => return close(&mut ws_tx, &format!("the VM's VNC at {} does not answer", target.addr)).await,
+    let (mut tcp_rx, mut tcp_tx) = match connect(&hive, &target.vnc).await {
+        Ok(halves) => halves,
+        Err(e) => return close(&mut ws_tx, &e).await,
     };
-    let _ = tcp.set_nodelay(true);
-    let (mut tcp_rx, mut tcp_tx) = tcp.into_split();
     crate::metrics::gateway_open(1);
     let mut buf = vec![0u8; 64 * 1024];
     let mut recheck = tokio::time::interval(RECHECK);
@@ -200,6 +211,64 @@ async fn pipe(hive: Hive, socket: WebSocket, target: Target) {
     crate::metrics::gateway_open(-1);
     if !why.is_empty() {
         close(&mut ws_tx, &why).await;
+    }
+}
+
+type Halves = (Box<dyn AsyncRead + Send + Unpin>, Box<dyn AsyncWrite + Send + Unpin>);
+
+/// The VM's VNC stream: through the agent's tunnel when its node is behind NAT, else direct.
+async fn connect(hive: &Hive, vnc: &Vnc) -> Result<Halves, String> {
+    if let Some(node) = vnc.node {
+        let nodes = hive.nodes().await.map_err(|e| format!("cannot look up the VM's node: {e}"))?;
+        if nodes.iter().any(|n| n.id == node && n.remote && n.behind_nat) {
+            let remote = hive.nodes_handle().remote(node);
+            let (tx, rx) = remote.open_tunnel(vnc.port, Some(vnc.host.clone())).map_err(|e| format!("cannot reach the VM's node: {e}"))?;
+            // The pipe below reads and writes a stream; a duplex pair turns the tunnel into one.
+            let (near, far) = tokio::io::duplex(64 * 1024);
+            tokio::spawn(bridge(far, tx, rx));
+            let (r, w) = tokio::io::split(near);
+            return Ok((Box::new(r), Box::new(w)));
+        }
+    }
+    let addr = vnc.addr();
+    let tcp = match tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(&addr)).await {
+        Ok(Ok(t)) => t,
+        Ok(Err(e)) => return Err(format!("cannot reach the VM's VNC at {addr}: {e}")),
+        Err(_) => return Err(format!("the VM's VNC at {addr} does not answer")),
+    };
+    let _ = tcp.set_nodelay(true);
+    let (r, w) = tcp.into_split();
+    Ok((Box::new(r), Box::new(w)))
+}
+
+/// Carry bytes between the tunnel and its stream until either ends; dropping `tx` closes the
+/// node's end.
+async fn bridge(far: tokio::io::DuplexStream, tx: crate::drivers::remote::TunnelTx, mut rx: crate::drivers::remote::TunnelRx) {
+    let (mut r, mut w) = tokio::io::split(far);
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        tokio::select! {
+            n = r.read(&mut buf) => match n {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if !tx.send(&buf[..n]) {
+                        break;
+                    }
+                }
+            },
+            m = rx.recv() => match m {
+                Some(Ok(b)) => {
+                    if w.write_all(&b).await.is_err() {
+                        break;
+                    }
+                }
+                Some(Err(e)) => {
+                    tracing::info!(error = %e, "the node could not keep the tunnel to the VM's VNC");
+                    break;
+                }
+                None => break,
+            },
+        }
     }
 }
 

@@ -17,6 +17,7 @@ mod browser;
 mod durability;
 mod fencing;
 mod gateway;
+mod gateway_nat;
 mod images;
 #[cfg(feature = "libvirt")]
 mod libvirt_e2e;

@@ -191,6 +191,7 @@ pub(super) fn attach(
     let e = st.nodes.get_mut(&node).ok_or(NodeError::UnknownNode(node))?;
     let remote = e.spec.remote.clone().ok_or(NodeError::Invalid { field: "node", reason: "not an agent-run node".into() })?;
     remote.set_backend(&hello.driver);
+    remote.set_behind_nat(hello.behind_nat);
     remote.attach(Some(link));
     e.link_gen += 1;
     e.health.connected(now);

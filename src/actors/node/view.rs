@@ -19,6 +19,8 @@ pub struct NodeView {
     pub driver: String,
     pub remote: bool,
     pub connected: bool,
+    /// The agent said the hive cannot reach its address: VNC goes through its connection.
+    pub behind_nat: bool,
     pub address: String,
     pub state: NodeState,
     pub admin: AdminState,
@@ -75,6 +77,7 @@ impl Entry {
             driver: self.spec.driver_name.clone(),
             remote: self.spec.remote.is_some(),
             connected: self.spec.remote.as_ref().is_none_or(|r| r.connected()),
+            behind_nat: self.spec.remote.as_ref().is_some_and(|r| r.behind_nat()),
             address: self.spec.address.clone(),
             state: self.state,
             admin: self.spec.admin,
