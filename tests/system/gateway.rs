@@ -12,7 +12,7 @@ use tokio_tungstenite::tungstenite::{self, Message};
 
 use crate::support::{TestApp, until};
 
-struct Kill(Child);
+pub(crate) struct Kill(Child);
 impl Drop for Kill {
     fn drop(&mut self) {
         let _ = self.0.kill();
@@ -20,12 +20,13 @@ impl Drop for Kill {
     }
 }
 
-/// A real VNC server (`x11vnc` on its own `Xvfb`) listening on `host:port`.
-fn vnc_server(host: &str, port: u16) -> (Kill, Kill) {
+/// A real VNC server (`x11vnc` on its own `Xvfb`) listening on `host:port`; `display_base` keeps
+/// the displays of tests that run at once apart.
+pub(crate) fn vnc_server(host: &str, port: u16, display_base: u32) -> (Kill, Kill) {
     for bin in ["/usr/bin/Xvfb", "/usr/bin/x11vnc"] {
         assert!(std::path::Path::new(bin).exists(), "{bin} is missing: run scripts/test-deps.sh");
     }
-    let display = format!(":{}", 300 + std::process::id() % 500);
+    let display = format!(":{}", display_base + std::process::id() % 500);
     let xvfb = Kill(
         Command::new("Xvfb")
             .args([display.as_str(), "-screen", "0", "640x480x24", "-nolisten", "tcp"])
@@ -61,7 +62,7 @@ async fn a_token_opens_the_desktop_and_dies_with_its_session() {
     let (_batch, handle, _vm) = app.held_vm(1, 2).await;
     let s = app.json(&format!("/api/v1/pools/default/sessions/{handle}")).await;
     let (host, port) = (s["vnc"]["host"].as_str().unwrap().to_string(), s["vnc"]["port"].as_u64().unwrap() as u16);
-    let _server = vnc_server(&host, port);
+    let _server = vnc_server(&host, port, 300);
     until("x11vnc listens", Duration::from_secs(20), || async {
         tokio::net::TcpStream::connect((host.as_str(), port)).await.ok().map(drop)
     })

@@ -5,56 +5,18 @@
 //! bytes flow both ways (the banner, the client's version, the security types), and releasing
 //! the handle closes the connection.
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::agents::{Proc, join_token, start_hive};
+use crate::gateway::vnc_server;
 use crate::support::{hive_bin, send_json, until};
 
 /// Nothing answers at TEST-NET-1 (RFC 5737): a gateway that dialled it would get no banner.
 const UNREACHABLE: &str = "192.0.2.1";
-
-struct Kill(Child);
-impl Drop for Kill {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// `x11vnc` on its own `Xvfb` at 127.0.0.1:`port` (a display apart from `gateway.rs`'s).
-fn loopback_vnc(port: u16) -> (Kill, Kill) {
-    for bin in ["/usr/bin/Xvfb", "/usr/bin/x11vnc"] {
-        assert!(std::path::Path::new(bin).exists(), "{bin} is missing: run scripts/test-deps.sh");
-    }
-    let display = format!(":{}", 800 + std::process::id() % 500);
-    let xvfb = Kill(
-        Command::new("Xvfb")
-            .args([display.as_str(), "-screen", "0", "640x480x24", "-nolisten", "tcp"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("Xvfb"),
-    );
-    let sock = format!("/tmp/.X11-unix/X{}", &display[1..]);
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while !std::path::Path::new(&sock).exists() {
-        assert!(std::time::Instant::now() < deadline, "Xvfb did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let vnc = Kill(
-        Command::new("x11vnc")
-            .args(["-display", &display, "-rfbport", &port.to_string(), "-listen", "127.0.0.1", "-nopw", "-forever", "-shared", "-quiet"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("x11vnc"),
-    );
-    (xvfb, vnc)
-}
 
 async fn next_binary(
     ws: &mut (impl futures_util::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin),
@@ -109,7 +71,7 @@ async fn a_desktop_behind_nat_is_reached_through_the_agents_connection() {
     assert_eq!(session["vnc"]["host"], UNREACHABLE, "the VM's VNC is at the node's (unreachable) address: {session}");
     assert_eq!(session["vm"]["node"], node["id"], "{session}");
     let port = session["vnc"]["port"].as_u64().unwrap() as u16;
-    let _vnc = loopback_vnc(port);
+    let _vnc = vnc_server("127.0.0.1", port, 800);
     until("x11vnc listens on loopback", Duration::from_secs(20), || async {
         tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok().map(drop)
     })
