@@ -12,7 +12,16 @@ if ! pgrep -x virtlogd >/dev/null; then
     virtlogd -d -f "$here/libvirt/virtlogd.conf"
 fi
 if ! virsh -c "$uri" version >/dev/null 2>&1; then
-    pkill -f "libvirtd.*guaca-hive" 2>/dev/null || true
+    # A previous private libvirtd that stopped answering (its socket removed) still holds
+    # libvirt's driver pid files until it has exited: make sure it has, or the new one fails.
+    if pkill -f "libvirtd.*guaca-hive" 2>/dev/null; then
+        for _ in $(seq 1 300); do
+            pgrep -f "libvirtd.*guaca-hive" >/dev/null || break
+            sleep 0.1
+        done
+        pkill -9 -f "libvirtd.*guaca-hive" 2>/dev/null || true
+        sleep 0.5
+    fi
     libvirtd -d -f "$here/libvirt/libvirtd.conf" -p /run/guaca-hive/libvirtd.pid
     for _ in $(seq 1 100); do
         virsh -c "$uri" version >/dev/null 2>&1 && break
