@@ -77,6 +77,8 @@ pub struct SessionView {
     pub vm: Option<VmView>,
     pub vnc: Option<VncView>,
     pub expires_at: Option<u64>,
+    /// When the hive ends the session by itself (the pool's longest session), if it does.
+    pub ends_at: Option<u64>,
     pub created_at: u64,
 }
 
@@ -101,6 +103,7 @@ pub(super) fn session_view(pool: &str, v: &HandleView) -> SessionView {
             password: vm.address.vnc_passwd.clone(),
         }),
         expires_at: v.handle.expires_at,
+        ends_at: v.ends_at,
         created_at: v.handle.created_at,
     }
 }

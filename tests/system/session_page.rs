@@ -214,8 +214,17 @@ async fn without_novnc_the_page_says_what_is_missing_and_still_releases() {
             Duration::from_secs(10),
         )
         .await;
-    // A session nobody extended has no expiry of its own: nothing to count down or extend.
-    browser.wait_for("no expiry", "return document.getElementById('timeleft').textContent === 'no expiry'", Duration::from_secs(10)).await;
+    // A session nobody extended has no expiry of its own: it counts down to the pool's longest
+    // session (5 h by default), and there is nothing to extend.
+    let s = app.json(&format!("/api/v1/pools/default/sessions/{handle}")).await;
+    assert!(s["expires_at"].is_null() && s["ends_at"].is_u64(), "{s}");
+    browser
+        .wait_for(
+            "the time left to the longest session",
+            r"return /^[45]:\d\d:\d\d$/.test(document.getElementById('timeleft').textContent)",
+            Duration::from_secs(10),
+        )
+        .await;
     assert_eq!(browser.eval("return document.getElementById('extend').disabled").await, true);
     browser.wait_for("release is enabled", "return !document.getElementById('release').disabled", Duration::from_secs(10)).await;
     browser.click("#release").await;

@@ -53,6 +53,9 @@ pub enum PoolError {
 pub struct HandleView {
     pub handle: Handle,
     pub vm: Option<Vm>,
+    /// When the pool ends the session on its own (`max_session_ms` after the VM was handed
+    /// over), if it does.
+    pub ends_at: Option<Millis>,
 }
 
 /// What a driver task learned; tagged with the operation number the rules gave it.
@@ -443,7 +446,7 @@ impl Actor for PoolManager {
 
 fn view(pool: &PoolState, handle: HandleId) -> Result<HandleView, PoolError> {
     let h = pool.handle(handle).ok_or(PoolInputError::UnknownHandle(handle))?;
-    Ok(HandleView { handle: h.clone(), vm: h.vm.and_then(|v| pool.vm(v).cloned()) })
+    Ok(HandleView { handle: h.clone(), vm: h.vm.and_then(|v| pool.vm(v).cloned()), ends_at: pool.session_end(h) })
 }
 
 /// Carry out effects, persist, and answer `reply` with `value` once the changes are durable.

@@ -250,7 +250,7 @@ impl PoolState {
     }
 
     /// When an assigned session must end (`max_session` after its VM was handed over).
-    pub(crate) fn session_end(&self, h: &super::Handle) -> Option<Millis> {
+    pub fn session_end(&self, h: &super::Handle) -> Option<Millis> {
         if self.rules.max_session == 0 {
             return None;
         }
