@@ -49,6 +49,12 @@ impl<M: Message> Slot<M> {
         *self.down.lock() = Some(why.into());
     }
 
+    /// A new actor is on its way (a pool taken over): callers wait for it, up to their timeout,
+    /// instead of being told an earlier reason at once.
+    pub fn clear_down(&self) {
+        *self.down.lock() = None;
+    }
+
     fn unavailable(&self) -> CallError {
         match self.down.lock().clone() {
             Some(why) => CallError::Down(self.what, why),

@@ -87,6 +87,9 @@ pub(super) async fn take_or_follow(me: &ActorRef<HiveMsg>, st: &mut HiveState, p
             tracing::info!(pool = %name, token = lease.token, "took the pool's lease; starting its manager");
             metrics::lease_change(&name, "acquired");
             st.leases.held.insert(name, Held { lease, renewed: sent });
+            // Requests that arrive while the manager loads wait for it rather than being told
+            // who held the pool before.
+            pool.slot().clear_down();
             retry_start(me, st, pool).await;
         }
         Ok(None) => {
