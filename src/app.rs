@@ -55,6 +55,8 @@ struct HiveInner {
     instance: String,
     gateway_key: crate::gateway::GatewayKey,
     guacamole: Option<Arc<crate::guacamole::Guacamole>>,
+    /// `rest` mode: the connections kept in step with the VMs.
+    guacamole_sync: Option<Arc<crate::guacamole::ConnectionSync>>,
     stopped: tokio::sync::watch::Receiver<bool>,
 }
 
@@ -93,7 +95,13 @@ impl Hive {
         tracing::info!(coordinator = coord.kind(), %instance, "coordination");
         let restart = RestartPolicy { max: config.supervision.max_restarts, window: Duration::from_secs(config.supervision.window_secs) };
         let pools = PoolDirectory::default();
+        let guacamole = crate::guacamole::Guacamole::from_config(&config.guacamole)
+            .map_err(|e| HiveError::Start(format!("guacamole: {e}")))?
+            .map(Arc::new);
+        let guacamole_sync =
+            guacamole.clone().and_then(|g| crate::guacamole::ConnectionSync::start(g, config.guacamole.grant_group.clone()));
         let template = PoolTemplate {
+            hooks: guacamole_sync.clone().map(|s| s as Arc<dyn crate::actors::pool::VmHooks>),
             rules: config.pool_rules(),
             writer: writer.clone(),
             vm_spec: VmSpec {
@@ -136,9 +144,6 @@ impl Hive {
             .map_err(|e| HiveError::Start(format!("lifecycle: {e}")))?;
         let admin_token = config.admin_token.clone();
         let gateway_key = crate::gateway::GatewayKey::new(admin_token.as_ref());
-        let guacamole = crate::guacamole::Guacamole::from_config(&config.guacamole)
-            .map_err(|e| HiveError::Start(format!("guacamole: {e}")))?
-            .map(Arc::new);
         Ok(Hive {
             inner: Arc::new(HiveInner {
                 supervisor: HiveHandle::new(actor, timeout),
@@ -157,6 +162,7 @@ impl Hive {
                 instance,
                 gateway_key,
                 guacamole,
+                guacamole_sync,
             }),
         })
     }
@@ -164,6 +170,11 @@ impl Hive {
     /// The Guacamole in front of the VMs, when one is configured.
     pub fn guacamole(&self) -> Option<&Arc<crate::guacamole::Guacamole>> {
         self.inner.guacamole.as_ref()
+    }
+
+    /// In Guacamole's `rest` mode, the connections the pools keep per prepared VM.
+    pub fn guacamole_sync(&self) -> Option<&Arc<crate::guacamole::ConnectionSync>> {
+        self.inner.guacamole_sync.as_ref()
     }
 
     /// Signs and checks the gateway's tokens.

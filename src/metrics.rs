@@ -49,6 +49,10 @@ fn describe() {
     describe_histogram!("hive_coord_op_seconds", "Coordinator operation latency (lock latency), by op");
     describe_gauge!("hive_gateway_connections", "Open gateway WebSockets (browser to a VM's VNC)");
     describe_counter!("hive_gateway_bytes_total", "Bytes the gateway piped, by direction (to_browser, to_vm)");
+    describe_counter!(
+        "hive_guacamole_steps_total",
+        "Guacamole REST-mode connection steps (create, end sessions, delete), by outcome (ok, error)"
+    );
     describe_counter!("hive_pool_lease_changes_total", "Pool leases this instance took (acquired), lost or released, by pool");
     describe_gauge!("hive_pool_leases_held", "Pools whose manager runs on this instance (1) or elsewhere (0), by pool");
     describe_counter!("hive_node_cache_reads_total", "Piece reads through the nodes' caches as their heartbeats report them, by outcome");
@@ -188,6 +192,10 @@ pub fn lease_seen(pool: &str) {
 }
 
 /// A gateway WebSocket opened (+1) or closed (-1).
+pub fn guacamole_step(step: &'static str, ok: bool) {
+    counter!("hive_guacamole_steps_total", "step" => step, "outcome" => if ok { "ok" } else { "error" }).increment(1);
+}
+
 pub fn gateway_open(delta: i64) {
     gauge!("hive_gateway_connections").increment(delta as f64);
 }

@@ -11,8 +11,10 @@
 //! `Guacamole` is the one handle the session code needs: `prepare` → `link` → `release`.
 //! Secrets (the JSON key, the REST password, VNC passwords, tokens) never reach logs or `Debug`.
 
+pub mod fake;
 pub mod json_auth;
 pub mod rest;
+pub mod sync;
 
 #[cfg(test)]
 mod json_tests;
@@ -26,6 +28,7 @@ use serde::{Deserialize, Serialize};
 
 pub use json_auth::{Connection, JsonAuth, JsonLink, JsonSecretKey, link_for, seal};
 pub use rest::{ActiveConnection, RestClient, client_link};
+pub use sync::ConnectionSync;
 
 /// The `[guacamole]` section. The integration is off until `url` is set.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -56,6 +59,11 @@ pub struct GuacamoleConfig {
     pub data_source: Option<String>,
     /// The port of the `guacd` next to each node, for connections routed to it.
     pub guacd_port: u16,
+    /// `rest`: the Guacamole user group whose members may open the hive's connections; each
+    /// connection is granted READ to it when created. Unset: only Guacamole administrators (and
+    /// whoever they grant) can follow the links, since Guacamole shows a connection only to
+    /// users holding a permission on it.
+    pub grant_group: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -78,6 +86,7 @@ impl Default for GuacamoleConfig {
             password: None,
             data_source: None,
             guacd_port: 4822,
+            grant_group: None,
         }
     }
 }
@@ -108,6 +117,13 @@ impl GuacamoleConfig {
         }
         if self.guacd_port == 0 {
             bad.push("guacamole.guacd_port must be above 0".into());
+        }
+        match self.grant_group.as_deref() {
+            Some("") => bad.push("guacamole.grant_group must not be empty (leave it out to grant nobody)".into()),
+            Some(_) if self.mode == GuacamoleMode::Json => {
+                bad.push("guacamole.grant_group is for mode = \"rest\" (json links carry their own permission)".into())
+            }
+            _ => {}
         }
         if !self.enabled() {
             return bad;
@@ -205,6 +221,14 @@ impl Guacamole {
                     .map_err(|e| GuacamoleError::Config(format!("HTTP client: {e}")))?;
                 Ok(Some(Guacamole::Rest(RestClient::from_config(cfg, http)?)))
             }
+        }
+    }
+
+    /// The REST client, in `rest` mode.
+    pub fn rest(&self) -> Option<&RestClient> {
+        match self {
+            Guacamole::Rest(c) => Some(c),
+            Guacamole::Json { .. } => None,
         }
     }
 

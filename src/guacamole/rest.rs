@@ -233,6 +233,32 @@ impl RestClient {
         Err(status_error(WHAT, resp).await)
     }
 
+    /// The identifiers of the connections called `name` (normally one): how the hive finds its
+    /// connections again after a restart, or from another instance, without storing them.
+    pub async fn connections_named(&self, name: &str) -> Result<Vec<String>, GuacamoleError> {
+        const WHAT: &str = "list connections";
+        let resp = self.call(WHAT, Method::GET, "connections", None).await?;
+        if !resp.status().is_success() {
+            return Err(status_error(WHAT, resp).await);
+        }
+        let all: BTreeMap<String, Value> =
+            resp.json().await.map_err(|e| GuacamoleError::Answer { what: WHAT, detail: e.without_url().to_string() })?;
+        Ok(all.into_iter().filter(|(_, c)| c["name"].as_str() == Some(name)).map(|(id, _)| id).collect())
+    }
+
+    /// Lets the members of user group `group` open (READ) connection `identifier`:
+    /// `PATCH …/userGroups/{group}/permissions` with a JSON Patch `add` of
+    /// `/connectionPermissions/{identifier}`.
+    pub async fn grant_read(&self, group: &str, identifier: &str) -> Result<(), GuacamoleError> {
+        const WHAT: &str = "grant connection permission";
+        let patch = json!([{"op": "add", "path": format!("/connectionPermissions/{identifier}"), "value": "READ"}]);
+        let resp = self.call(WHAT, Method::PATCH, &format!("userGroups/{}/permissions", seg(group)), Some(&patch)).await?;
+        if !resp.status().is_success() {
+            return Err(status_error(WHAT, resp).await);
+        }
+        Ok(())
+    }
+
     /// Every live session in the data source, by active-connection identifier.
     pub async fn active_connections(&self) -> Result<BTreeMap<String, ActiveConnection>, GuacamoleError> {
         const WHAT: &str = "list active connections";

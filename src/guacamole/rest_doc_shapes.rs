@@ -6,191 +6,14 @@
 //! Guacamole accepts it.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 
-use bytes::Bytes;
-use http::{HeaderMap, Method};
-use parking_lot::Mutex;
+use http::Method;
 use secrecy::SecretString;
-use serde_json::{Value, json};
-use tokio::net::TcpListener;
-use tokio::task::JoinHandle;
-use warp::Filter;
-use warp::http::StatusCode;
-use warp::reply::Reply;
+use serde_json::json;
 
-use super::rest::{RestClient, client_link};
-use super::{Guacamole, GuacamoleConfig, GuacamoleMode, VncTarget};
-
-const ADMIN: &str = "hive-admin";
-const PASSWORD: &str = "p@ss w+rd&=";
-
-#[derive(Clone, Debug)]
-struct Seen {
-    method: Method,
-    path: String,
-    token: Option<String>,
-    content_type: Option<String>,
-    body: Bytes,
-}
-
-impl Seen {
-    fn json(&self) -> Value {
-        serde_json::from_slice(&self.body).unwrap()
-    }
-
-    fn form(&self) -> BTreeMap<String, String> {
-        url_form(&self.body)
-    }
-}
-
-fn url_form(body: &[u8]) -> BTreeMap<String, String> {
-    let s = std::str::from_utf8(body).unwrap();
-    s.split('&')
-        .filter(|p| !p.is_empty())
-        .map(|pair| {
-            let (k, v) = pair.split_once('=').unwrap();
-            let dec = |x: &str| percent_encoding::percent_decode_str(&x.replace('+', " ")).decode_utf8().unwrap().to_string();
-            (dec(k), dec(v))
-        })
-        .collect()
-}
-
-#[derive(Default)]
-struct State {
-    seen: Vec<Seen>,
-    /// Tokens Guacamole still honours.
-    live_tokens: Vec<String>,
-    logins: u32,
-    next_connection: u32,
-    connections: BTreeMap<String, Value>,
-    active: BTreeMap<String, Value>,
-}
-
-/// Stands in for Guacamole's REST API: no Guacamole server runs here.
-struct FakeGuacamole {
-    url: String,
-    state: Arc<Mutex<State>>,
-    task: JoinHandle<()>,
-}
-
-impl Drop for FakeGuacamole {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-fn answer(status: StatusCode, body: Value) -> warp::reply::Response {
-    warp::reply::with_status(warp::reply::json(&body), status).into_response()
-}
-
-fn handle(state: &Mutex<State>, seen: Seen) -> warp::reply::Response {
-    let mut st = state.lock();
-    st.seen.push(seen.clone());
-    let path = seen.path.strip_prefix("/guacamole").unwrap_or(&seen.path).to_string();
-    if path == "/api/tokens" && seen.method == Method::POST {
-        let form = seen.form();
-        if form.get("username").map(String::as_str) != Some(ADMIN) || form.get("password").map(String::as_str) != Some(PASSWORD) {
-            return answer(StatusCode::FORBIDDEN, json!({"message": "Invalid login.", "type": "INVALID_CREDENTIALS"}));
-        }
-        st.logins += 1;
-        let token = format!("{:064X}", 0xA0 + st.logins);
-        st.live_tokens.push(token.clone());
-        return answer(
-            StatusCode::OK,
-            json!({"authToken": token, "username": ADMIN, "dataSource": "postgresql", "availableDataSources": ["postgresql", "postgresql-shared"]}),
-        );
-    }
-    if let Some(token) = path.strip_prefix("/api/tokens/") {
-        let token = token.to_string();
-        st.live_tokens.retain(|t| *t != token);
-        return warp::reply::with_status(warp::reply(), StatusCode::NO_CONTENT).into_response();
-    }
-    let Some(rest) = path.strip_prefix("/api/session/data/postgresql/") else {
-        return answer(StatusCode::NOT_FOUND, json!({"message": "Not found.", "type": "NOT_FOUND"}));
-    };
-    if !seen.token.as_ref().is_some_and(|t| st.live_tokens.contains(t)) {
-        return answer(StatusCode::FORBIDDEN, json!({"message": "Permission Denied.", "type": "PERMISSION_DENIED"}));
-    }
-    match (seen.method.clone(), rest) {
-        (Method::POST, "connections") => {
-            st.next_connection += 1;
-            let id = st.next_connection.to_string();
-            let mut created = seen.json();
-            created["identifier"] = id.clone().into();
-            st.connections.insert(id, created.clone());
-            answer(StatusCode::OK, created)
-        }
-        (Method::DELETE, r) if r.starts_with("connections/") => {
-            let id = &r["connections/".len()..];
-            match st.connections.remove(id) {
-                Some(_) => warp::reply::with_status(warp::reply(), StatusCode::NO_CONTENT).into_response(),
-                None => answer(StatusCode::NOT_FOUND, json!({"message": "No such connection.", "type": "NOT_FOUND"})),
-            }
-        }
-        (Method::GET, "activeConnections") => answer(StatusCode::OK, Value::Object(st.active.clone().into_iter().collect())),
-        (Method::PATCH, "activeConnections") => {
-            for op in seen.json().as_array().unwrap() {
-                let id = op["path"].as_str().unwrap().trim_start_matches('/').to_string();
-                st.active.remove(&id);
-            }
-            warp::reply::with_status(warp::reply(), StatusCode::NO_CONTENT).into_response()
-        }
-        _ => answer(StatusCode::NOT_FOUND, json!({"message": "Not found.", "type": "NOT_FOUND"})),
-    }
-}
-
-impl FakeGuacamole {
-    async fn start() -> FakeGuacamole {
-        let state = Arc::new(Mutex::new(State::default()));
-        let s = state.clone();
-        let routes = warp::method().and(warp::path::full()).and(warp::header::headers_cloned()).and(warp::body::bytes()).map(
-            move |method: Method, path: warp::path::FullPath, headers: HeaderMap, body: Bytes| {
-                let header = |name: &str| headers.get(name).map(|v| v.to_str().unwrap().to_string());
-                let seen = Seen {
-                    method,
-                    path: path.as_str().to_string(),
-                    token: header("guacamole-token"),
-                    content_type: header("content-type"),
-                    body,
-                };
-                handle(&s, seen)
-            },
-        );
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}/guacamole", listener.local_addr().unwrap());
-        let task = tokio::spawn(warp::serve(routes).incoming(listener).run());
-        FakeGuacamole { url, state, task }
-    }
-
-    fn seen(&self) -> Vec<Seen> {
-        self.state.lock().seen.clone()
-    }
-
-    /// Guacamole forgets every API session, as after 60 idle minutes.
-    fn expire_sessions(&self) {
-        self.state.lock().live_tokens.clear();
-    }
-
-    fn add_active(&self, active_id: &str, connection: &str) {
-        self.state.lock().active.insert(
-            active_id.into(),
-            json!({"identifier": active_id, "connectionIdentifier": connection, "username": "alice", "startDate": 1718153645993i64, "remoteHost": "10.0.0.1"}),
-        );
-    }
-
-    fn client(&self, password: &str) -> RestClient {
-        let cfg = GuacamoleConfig {
-            url: Some("https://desk.example.org/guacamole/".into()),
-            api_url: Some(self.url.clone()),
-            mode: GuacamoleMode::Rest,
-            username: Some(ADMIN.into()),
-            password: Some(SecretString::from(password)),
-            ..GuacamoleConfig::default()
-        };
-        RestClient::from_config(&cfg, reqwest::Client::builder().no_proxy().build().unwrap()).unwrap()
-    }
-}
+use super::fake::{ADMIN, FakeGuacamole, PASSWORD, token};
+use super::rest::client_link;
+use super::{Guacamole, VncTarget};
 
 fn target() -> VncTarget {
     VncTarget {
@@ -199,11 +22,6 @@ fn target() -> VncTarget {
         password: Some(SecretString::from("vnc-secret")),
         guacd_hostname: Some("node-7.internal".into()),
     }
-}
-
-/// The token `FakeGuacamole` hands out at its `login`-th login.
-fn token(login: u32) -> String {
-    format!("{:064X}", 0xA0 + login)
 }
 
 #[tokio::test]
@@ -268,7 +86,7 @@ async fn doc_shape_release_ends_live_sessions_with_json_patch_then_deletes() {
     assert_eq!(seen[1].content_type.as_deref(), Some("application/json"));
     assert_eq!(seen[1].json(), json!([{"op": "remove", "path": "/a-111"}, {"op": "remove", "path": "/a-333"}]));
     assert!(seen.iter().all(|s| s.token.as_deref() == Some(token(1).as_str())));
-    assert_eq!(fake.state.lock().active.keys().collect::<Vec<_>>(), vec!["a-222"], "only the released connection's sessions end");
+    assert_eq!(fake.active().keys().collect::<Vec<_>>(), vec!["a-222"], "only the released connection's sessions end");
 
     // Releasing again: no sessions to end (no PATCH), and a connection already gone is fine.
     let before = fake.seen().len();
@@ -326,7 +144,7 @@ async fn doc_shape_client_link_and_logout() {
     let last = fake.seen().pop().unwrap();
     assert_eq!(last.method, Method::DELETE);
     assert_eq!(last.path, format!("/guacamole/api/tokens/{}", token(1)));
-    assert!(fake.state.lock().live_tokens.is_empty());
+    assert!(fake.live_tokens().is_empty());
     let n = fake.seen().len();
     c.logout().await.unwrap();
     assert_eq!(fake.seen().len(), n, "no session, nothing to log out");

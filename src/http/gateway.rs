@@ -61,7 +61,8 @@ pub fn routes(hive: Hive) -> BoxedFilter<(Response,)> {
 }
 
 /// A link that logs the session's user into exactly its VM in Guacamole: with the encrypted
-/// JSON extension, a single-use token that expires with the handle.
+/// JSON extension, a single-use token that expires with the handle; in `rest` mode, the page of
+/// the connection made when the VM was prepared (it is deleted when the VM is cleaned).
 async fn guacamole_link(hive: Hive, pool: String, id: String) -> ApiResult {
     let handle = super::reply::uint("session", &id)?;
     let g = hive.guacamole().cloned().ok_or_else(|| {
@@ -69,18 +70,22 @@ async fn guacamole_link(hive: Hive, pool: String, id: String) -> ApiResult {
     })?;
     let s = session(&hive, &pool, handle).await?;
     let vm = s["vm"]["id"].as_u64().ok_or_else(|| ApiError::Conflict(format!("session {pool}.{handle} has no VM yet")))?;
-    let target = crate::guacamole::VncTarget {
-        hostname: s["vnc"]["host"].as_str().unwrap_or_default().to_string(),
-        port: s["vnc"]["port"].as_u64().unwrap_or(0) as u16,
-        password: s["vnc"]["password"].as_str().map(|p| secrecy::SecretString::from(p.to_string())),
-        guacd_hostname: None,
-    };
     let expires_at = s["expires_at"].as_u64();
-    let user = format!("{pool}.{handle}");
-    let url = g
-        .link(&user, &format!("{pool}-vm-{vm}"), &target, None, expires_at)
-        .await
-        .map_err(|e| ApiError::Unavailable(format!("guacamole: {e}")))?;
+    let unavailable = |e: crate::guacamole::GuacamoleError| ApiError::Unavailable(format!("guacamole: {e}"));
+    let url = match hive.guacamole_sync() {
+        Some(sync) => sync.link(&pool, vm).await.map_err(unavailable)?,
+        None => {
+            let target = crate::guacamole::VncTarget {
+                hostname: s["vnc"]["host"].as_str().unwrap_or_default().to_string(),
+                port: s["vnc"]["port"].as_u64().unwrap_or(0) as u16,
+                password: s["vnc"]["password"].as_str().map(|p| secrecy::SecretString::from(p.to_string())),
+                guacd_hostname: None,
+            };
+            let user = format!("{pool}.{handle}");
+            let name = crate::guacamole::sync::connection_name(&pool, vm);
+            g.link(&user, &name, &target, None, expires_at).await.map_err(unavailable)?
+        }
+    };
     Ok(reply::json_status(StatusCode::CREATED, &json!({"url": url, "expires_at": expires_at})))
 }
 

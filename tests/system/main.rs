@@ -18,6 +18,7 @@ mod durability;
 mod fencing;
 mod gateway;
 mod gateway_nat;
+mod guacamole_rest;
 mod images;
 #[cfg(feature = "libvirt")]
 mod libvirt_e2e;

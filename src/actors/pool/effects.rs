@@ -23,6 +23,13 @@ pub(super) async fn run_effect(
     now: Millis,
 ) -> Result<(), ActorProcessingErr> {
     let pool_name = st.args.handle.name().to_string();
+    if let Some(hooks) = &st.args.hooks {
+        match &effect {
+            Effect::Cleanup { vm, .. } | Effect::Kill { vm, .. } | Effect::Destroy { vm, .. } => hooks.cleaned(&pool_name, *vm),
+            Effect::Served { vm, .. } => hooks.released(&pool_name, *vm),
+            _ => {}
+        }
+    }
     match effect {
         Effect::Boot { vm, op } => {
             let session = spawn_session(me, st, vm, None).await?;

@@ -20,12 +20,14 @@ use crate::actors::{CallError, Clock, RestartLog, RestartPolicy};
 mod claims;
 mod effects;
 mod handle;
+mod hooks;
 
 pub use handle::PoolHandle;
+pub use hooks::VmHooks;
 
 use crate::domain::node::NodeUse;
 use crate::domain::pool::{Handle, PoolInputError, PoolRules, PoolSnapshot, PoolState, Resized};
-use crate::domain::vm::{Placement, Vm, VmAddress};
+use crate::domain::vm::{Placement, Vm, VmAddress, VmState};
 use crate::domain::{BatchId, HandleId, Millis, NodeId, VmId};
 use crate::drivers::VmSpec;
 use crate::metrics;
@@ -176,6 +178,7 @@ pub struct PoolArgs {
     /// under, the floor of the fencing epoch it takes in the store.
     pub coord: Arc<dyn crate::coord::Coordinator>,
     pub lease: u64,
+    pub hooks: Option<Arc<dyn VmHooks>>,
 }
 
 pub struct PoolManager;
@@ -353,7 +356,13 @@ impl Actor for PoolManager {
                         if let Some(pw) = vnc_passwd {
                             pool.vnc_password(vm, op, pw);
                         }
-                        pool.prepared(vm, op, ok, now)
+                        let current = pool.vm(vm).is_some_and(|v| v.op == op && v.state == VmState::Wait);
+                        pool.prepared(vm, op, ok, now);
+                        if let (true, Some(hooks), Some(v)) = (ok && current, &st.args.hooks, pool.vm(vm)) {
+                            if matches!(v.state, VmState::Ready | VmState::Occupied) {
+                                hooks.prepared(st.args.handle.name(), vm, &v.address);
+                            }
+                        }
                     }
                     DriverReport::Cleaned { vm, op, ok, vnc_passwd } => {
                         if let Some(pw) = vnc_passwd {

@@ -60,6 +60,8 @@ pub struct PoolTemplate {
     pub restart: RestartPolicy,
     pub clock: Clock,
     pub call_timeout: Duration,
+    /// Followers of each VM's life with a user (Guacamole's REST mode), if any.
+    pub hooks: Option<Arc<dyn crate::actors::pool::VmHooks>>,
 }
 
 pub struct SupervisorArgs {
@@ -314,6 +316,7 @@ async fn start_pool(me: &ActorRef<HiveMsg>, args: &SupervisorArgs, handle: PoolH
         ping_interval: t.ping_interval,
         restart: t.restart,
         clock: t.clock,
+        hooks: t.hooks.clone(),
     };
     let (actor, _) = Actor::spawn_linked(None, PoolManager, pool_args, me.get_cell()).await?;
     handle.slot().set(Some(actor));
