@@ -3,6 +3,7 @@
 //! out as effects. This is what makes the pool rules testable in microseconds and by proptest.
 
 pub mod lifecycle;
+pub mod migration;
 pub mod node;
 pub mod placement;
 pub mod pool;

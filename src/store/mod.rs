@@ -8,8 +8,10 @@
 
 pub mod images;
 pub mod lifecycle;
+pub mod migrations;
 pub mod nodes;
 pub mod postgres;
+mod postgres_migrations;
 mod postgres_rows;
 mod postgres_subs;
 pub mod sqlite;
@@ -30,6 +32,7 @@ use crate::domain::vm::Vm;
 
 pub use images::ImageStore;
 pub use lifecycle::{LifecycleStore, UserRecord};
+pub use migrations::{EndpointUpdate, MigrationStore};
 pub use nodes::{NodeStore, Rating};
 pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
@@ -281,6 +284,10 @@ pub trait Store: Send + Sync + 'static {
     }
     /// Users and lifecycle objects (`lifecycle.rs`), where this implementation holds them.
     fn lifecycle(&self) -> Option<&dyn LifecycleStore> {
+        None
+    }
+    /// Migration endpoints, resources and migrations (`migrations.rs`), where this implementation holds them.
+    fn migrations(&self) -> Option<&dyn MigrationStore> {
         None
     }
 }

@@ -208,6 +208,10 @@ impl Store for PostgresStore {
     fn lifecycle(&self) -> Option<&dyn super::LifecycleStore> {
         Some(self)
     }
+
+    fn migrations(&self) -> Option<&dyn super::MigrationStore> {
+        Some(self)
+    }
 }
 
 #[cfg(test)]

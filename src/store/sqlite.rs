@@ -190,6 +190,10 @@ impl Store for SqliteStore {
     fn lifecycle(&self) -> Option<&dyn super::LifecycleStore> {
         Some(self)
     }
+
+    fn migrations(&self) -> Option<&dyn super::MigrationStore> {
+        Some(self)
+    }
 }
 
 pub(super) async fn apply_one(conn: &mut SqliteConnection, change: &Change) -> Result<(), StoreError> {
