@@ -120,7 +120,7 @@ async fn agent(base: String, join: String, i: usize, stop: tokio::sync::watch::R
         tokio::select! {
             _ = beat.tick() => {
                 seq += 1;
-                let hb = AgentMsg::Heartbeat { seq, stats: HostStats::default(), cache: None, stock: Default::default() };
+                let hb = AgentMsg::Heartbeat { seq, stats: HostStats::default(), cache: None, stock: Default::default(), scratch_free: None };
                 tx.send(Message::text(serde_json::to_string(&hb)?)).await?;
             }
             m = rx.next() => match m {

@@ -55,6 +55,7 @@ struct HiveInner {
     instance: String,
     gateway_key: crate::gateway::GatewayKey,
     guacamole: Option<Arc<crate::guacamole::Guacamole>>,
+    migrations: crate::migration::service::Migrations,
     /// `rest` mode: the connections kept in step with the VMs.
     guacamole_sync: Option<Arc<crate::guacamole::ConnectionSync>>,
     stopped: tokio::sync::watch::Receiver<bool>,
@@ -144,6 +145,7 @@ impl Hive {
             .map_err(|e| HiveError::Start(format!("lifecycle: {e}")))?;
         let admin_token = config.admin_token.clone();
         let gateway_key = crate::gateway::GatewayKey::new(admin_token.as_ref());
+        let migrations = crate::migration::service::Migrations::new(writer.store().clone(), nodes.clone(), clock);
         Ok(Hive {
             inner: Arc::new(HiveInner {
                 supervisor: HiveHandle::new(actor, timeout),
@@ -163,6 +165,7 @@ impl Hive {
                 gateway_key,
                 guacamole,
                 guacamole_sync,
+                migrations,
             }),
         })
     }
@@ -170,6 +173,11 @@ impl Hive {
     /// The Guacamole in front of the VMs, when one is configured.
     pub fn guacamole(&self) -> Option<&Arc<crate::guacamole::Guacamole>> {
         self.inner.guacamole.as_ref()
+    }
+
+    /// Migrations, their endpoints and resources.
+    pub fn migrations(&self) -> &crate::migration::service::Migrations {
+        &self.inner.migrations
     }
 
     /// In Guacamole's `rest` mode, the connections the pools keep per prepared VM.

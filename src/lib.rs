@@ -13,6 +13,9 @@
 //! - `images`: image uploads, blobs and manifests on the hive, and distributing replicas.
 //! - `lifecycle`: users and the image lifecycle (baseimage → environment → deployment → app);
 //!   the rules are `domain::lifecycle`, the backend steps `lifecycle::steps`.
+//! - `migration`: VMs brought in from other hypervisors: the agent's worker pipeline (fetch,
+//!   `qemu-img convert`, upload) and the hive's service (endpoints, scheduling, boot check);
+//!   the rules are `domain::migration`.
 //! - `membership`: join tokens and node credentials, the rewards ledger, ratings.
 //! - `store`: the `Store` trait and SQLite (all SQL lives here); `StoreWriter` group commits.
 //! - `coord`: coordination between hive instances: pool leases and VM claims with fencing
@@ -37,4 +40,5 @@ pub mod images;
 pub mod lifecycle;
 pub mod membership;
 pub mod metrics;
+pub mod migration;
 pub mod store;

@@ -11,6 +11,7 @@
 
 pub mod host;
 pub mod images;
+pub mod migrate;
 pub mod proto;
 pub mod run;
 pub mod stock;

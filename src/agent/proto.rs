@@ -110,6 +110,16 @@ pub enum AgentMsg {
         /// Ready copies per image (the node's stock).
         #[serde(default)]
         stock: BTreeMap<String, u32>,
+        /// Bytes free where the agent converts migrated disks (its data directory), for the
+        /// migration scheduler. `None` from an agent that cannot tell.
+        #[serde(default)]
+        scratch_free: Option<u64>,
+    },
+    /// Migration `job`, running on this node, is `percent` through step `event`.
+    MigrationStep {
+        job: u64,
+        event: crate::domain::migration::Event,
+        percent: u8,
     },
     Reply {
         id: u64,
@@ -222,6 +232,28 @@ pub enum Command {
         sha256: String,
         peers: Vec<Peer>,
     },
+    /// Run the worker pipeline of migration `job`: connect to `source`, fetch `id_at_source`'s
+    /// boot disk, convert it to qcow2, and upload it to `upload_path` on the hive (with the
+    /// node's credential). Progress comes as `MigrationStep`s; the reply is the hive's answer to
+    /// the upload (`Migrated`).
+    Migrate {
+        job: u64,
+        source: crate::migration::fetch::SourceSpec,
+        id_at_source: String,
+        upload_path: String,
+    },
+    /// Stop migration `job` if it runs here (its temporary files are removed); `Done` either way.
+    CancelMigration {
+        job: u64,
+    },
+    /// What `source` holds (`Resources`).
+    Discover {
+        source: crate::migration::fetch::SourceSpec,
+    },
+    /// Is `source` reachable from this node (`Done`)?
+    ProbeSource {
+        source: crate::migration::fetch::SourceSpec,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -235,6 +267,15 @@ pub enum CmdOk {
     Stats(VmStats),
     Fetched(Fetched),
     Exec(ExecOutput),
+    Migrated(serde_json::Value),
+    /// The migration stopped on this node: `retryable` if another node may succeed (its own
+    /// space, network or source access), not if the source itself is bad; `cancelled` if asked to.
+    MigrationFailed {
+        error: String,
+        retryable: bool,
+        cancelled: bool,
+    },
+    Resources(Vec<crate::migration::fetch::DiscoveredResource>),
 }
 
 #[cfg(test)]

@@ -266,11 +266,20 @@ async fn connect_once(
     let mut seq = 0;
     // Dropped when this connection ends, which closes every tunnel it carried.
     let mut tunnels = Tunnels::default();
+    // Likewise cancels the migration jobs it started (the hive retries them elsewhere).
+    let jobs = super::migrate::Jobs::default();
+    let scratch_root = cfg.data_dir.join("migrations");
     loop {
         tokio::select! {
             _ = beat.tick() => {
                 seq += 1;
-                let beat = AgentMsg::Heartbeat { seq, stats: host.sample(), cache: Some(images.counters()), stock: images.stock() };
+                let beat = AgentMsg::Heartbeat {
+                    seq,
+                    stats: host.sample(),
+                    cache: Some(images.counters()),
+                    stock: images.stock(),
+                    scratch_free: crate::migration::worker::free_space(&scratch_root),
+                };
                 if tx.send(text(&beat)).await.is_err() {
                     return Ok(Ended::AfterWelcome);
                 }
@@ -289,6 +298,31 @@ async fn connect_once(
                             tracing::warn!(image = %sha256, error = %e, "image fetch failed");
                         }
                         let _ = out.send(AgentMsg::Reply { id, result });
+                    });
+                }
+                Some(HiveMsg::Command { id, cmd: Command::Migrate { job, source, id_at_source, upload_path } }) => {
+                    let ctx = super::migrate::JobContext {
+                        hive: hive.to_string(),
+                        credential: credential.to_string().into(),
+                        scratch_root: scratch_root.clone(),
+                        out: out_tx.clone(),
+                    };
+                    jobs.start(id, job, source, id_at_source, upload_path, ctx);
+                }
+                Some(HiveMsg::Command { id, cmd: Command::CancelMigration { job } }) => {
+                    jobs.cancel(job);
+                    let _ = out_tx.send(AgentMsg::Reply { id, result: Ok(CmdOk::Done) });
+                }
+                Some(HiveMsg::Command { id, cmd: Command::Discover { source } }) => {
+                    let out = out_tx.clone();
+                    tokio::spawn(async move {
+                        let _ = out.send(AgentMsg::Reply { id, result: super::migrate::discover(&source).await });
+                    });
+                }
+                Some(HiveMsg::Command { id, cmd: Command::ProbeSource { source } }) => {
+                    let out = out_tx.clone();
+                    tokio::spawn(async move {
+                        let _ = out.send(AgentMsg::Reply { id, result: super::migrate::probe(&source).await });
                     });
                 }
                 Some(HiveMsg::Command { id, cmd }) => {

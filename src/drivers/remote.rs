@@ -191,6 +191,18 @@ impl RemoteHypervisor {
         }
     }
 
+    /// Run migration `job`'s worker pipeline on this node (see `Command::Migrate`); answers
+    /// when it ended, which may take hours for a big disk.
+    pub async fn migrate(&self, cmd: Command, timeout: Duration) -> Result<CmdOk, DriverError> {
+        let link = self.link.lock().clone().ok_or_else(|| DriverError::Failed("node offline".into()))?;
+        link.call(cmd, timeout).await
+    }
+
+    /// An agent-side command with the usual timeout (cancel, discover, probe).
+    pub async fn agent_call(&self, cmd: Command) -> Result<CmdOk, DriverError> {
+        self.call(cmd).await
+    }
+
     /// `Hypervisor::destroy`, callable without the trait in scope.
     pub async fn destroy_domain(&self, domain: &str) -> Result<(), DriverError> {
         self.destroy(domain).await
@@ -305,7 +317,11 @@ pub async fn execute(h: &dyn Hypervisor, cmd: Command) -> Result<CmdOk, DriverEr
         Command::Prepare { domain, spec } => h.prepare(&domain, &spec).await.map(|_| CmdOk::Done)?,
         Command::Stats { domain } => CmdOk::Stats(h.stats(&domain).await?),
         Command::List => CmdOk::Domains(h.list().await?),
-        Command::FetchImage { .. } => return Err(DriverError::Unsupported("fetch_image is the agent's, not the hypervisor's".into())),
+        Command::FetchImage { .. }
+        | Command::Migrate { .. }
+        | Command::CancelMigration { .. }
+        | Command::Discover { .. }
+        | Command::ProbeSource { .. } => return Err(DriverError::Unsupported("that command is the agent's, not the hypervisor's".into())),
     })
 }
 

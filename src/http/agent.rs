@@ -92,7 +92,14 @@ async fn connection(hive: Hive, node: NodeId, ws: WebSocket) {
             }
             incoming = rx.next() => match incoming {
                 Some(Ok(m)) if m.is_text() => match m.to_str().map(serde_json::from_str::<AgentMsg>) {
-                    Ok(Ok(AgentMsg::Heartbeat { stats, cache, stock, .. })) => registry.heartbeat(node, stats, cache, stock),
+                    Ok(Ok(AgentMsg::Heartbeat { stats, cache, stock, scratch_free, .. })) => {
+                        hive.migrations().scratch_free(node, scratch_free);
+                        registry.heartbeat(node, stats, cache, stock)
+                    }
+                    Ok(Ok(AgentMsg::MigrationStep { job, event, percent })) => {
+                        let m = hive.migrations().clone();
+                        tokio::spawn(async move { m.step(node, job, event, percent).await });
+                    }
                     Ok(Ok(AgentMsg::Reply { id, result })) => link.complete(id, result),
                     Ok(Ok(AgentMsg::TunnelData { tunnel, data })) => link.tunnel_data(tunnel, &data),
                     Ok(Ok(AgentMsg::TunnelClose { tunnel, error })) => link.tunnel_closed(tunnel, error),

@@ -22,6 +22,7 @@ mod gateway;
 mod images;
 mod lifecycle;
 mod live;
+mod migrations;
 mod nodes;
 mod ops;
 pub mod pages;
@@ -71,6 +72,8 @@ pub fn routes(hive: Hive) -> BoxedFilter<(Response,)> {
         .or(nodes::routes(hive.clone()))
         .unify()
         .or(lifecycle::routes(hive.clone()))
+        .unify()
+        .or(migrations::routes(hive.clone()))
         .unify()
         .or(agent::route(hive.clone()))
         .unify()

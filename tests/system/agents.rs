@@ -50,7 +50,7 @@ pub(crate) fn start_hive(dir: &Path, listen: &str, env: &[(&str, String)]) -> Hi
     Hive { proc: Proc { child }, base, token }
 }
 
-fn start_agent(hive: &str, token: &str, dir: &Path, name: &str) -> Proc {
+pub(crate) fn start_agent(hive: &str, token: &str, dir: &Path, name: &str) -> Proc {
     let child = Command::new(hive_bin())
         .args(["node", "--hive", hive, "--cores", "4", "--ram-mb", "8192", "--disk-mb", "100000", "--name", name, "--data-dir"])
         .arg(dir)

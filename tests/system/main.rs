@@ -25,6 +25,7 @@ mod libvirt_e2e;
 #[cfg(feature = "libvirt")]
 mod libvirt_net;
 mod lifecycle;
+mod migration;
 mod monitor_page;
 mod multi;
 mod nodes_admin;

@@ -1,0 +1,263 @@
+//! `/api/v1/migrations` and the endpoints they move between (admin): sources and destinations
+//! (`/api/v1/migration-sources`, `/api/v1/migration-destinations`), the resources discovered at
+//! a source, migrations (create, list, show, cancel, delete once finished); and the workers'
+//! upload of a converted disk (`PUT /api/v1/agent/migrations/{id}/disk`, node credential).
+//! Endpoint parameters are shown redacted.
+
+use bytes::Buf;
+use futures_util::{StreamExt, TryStreamExt};
+use serde_json::json;
+use warp::Filter;
+use warp::filters::BoxedFilter;
+use warp::http::StatusCode;
+use warp::reply::Response;
+
+use super::auth::require_admin;
+use super::error::ApiError;
+use super::reply::{self, ApiResult, uint};
+use super::{auth, body, timed, with_hive};
+use crate::app::Hive;
+use crate::domain::migration::{Endpoint, Role};
+use crate::images::{ImageError, UploadSpec};
+use crate::migration::service::{MigrationError, NewEndpoint, NewMigration};
+
+impl From<MigrationError> for ApiError {
+    fn from(e: MigrationError) -> Self {
+        match e {
+            MigrationError::Invalid(m) => ApiError::BadBody(m),
+            MigrationError::NotFound { what, id } => ApiError::NotFound { code: "not_found", message: format!("no {what} {id}") },
+            MigrationError::Conflict(m) => ApiError::Conflict(m),
+            MigrationError::Rule(r) => ApiError::Conflict(r.to_string()),
+            MigrationError::Store(s) => ApiError::Unavailable(s.to_string()),
+            MigrationError::Unavailable(m) => ApiError::Unavailable(m),
+        }
+    }
+}
+
+fn view(e: &Endpoint, hive: &Hive) -> serde_json::Value {
+    let r = e.redacted();
+    json!({
+        "id": r.id, "name": r.name, "type": r.kind, "params": r.params,
+        "state": r.effective_state(hive.now(), 60_000).name(), "last_seen": r.last_seen, "checked_by": r.checked_by,
+    })
+}
+
+pub fn routes(hive: Hive) -> BoxedFilter<(Response,)> {
+    let h = || with_hive(hive.clone());
+    let v1 = || warp::path("api").and(warp::path("v1"));
+    let sources = endpoint_routes(hive.clone(), "migration-sources", Role::Source);
+    let destinations = endpoint_routes(hive.clone(), "migration-destinations", Role::Destination);
+    let discover = v1()
+        .and(warp::path!("migration-sources" / String / "discover"))
+        .and(warp::post())
+        .and(h())
+        .and(auth())
+        .then(|id, hive, t| timed("/api/v1/migration-sources/{id}/discover", discover(hive, id, t)));
+    let resources = v1()
+        .and(warp::path!("migration-resources"))
+        .and(warp::get())
+        .and(h())
+        .and(auth())
+        .and(warp::query::<std::collections::HashMap<String, String>>())
+        .then(|hive, t, q| timed("/api/v1/migration-resources", resources(hive, t, q)));
+    let migrations = v1()
+        .and(warp::path!("migrations"))
+        .and(warp::method())
+        .and(h())
+        .and(auth())
+        .and(body())
+        .then(|m, hive, t, b| timed("/api/v1/migrations", migrations(hive, m, t, b)));
+    let migration = v1()
+        .and(warp::path!("migrations" / String))
+        .and(warp::method())
+        .and(h())
+        .and(auth())
+        .then(|id, m, hive, t| timed("/api/v1/migrations/{id}", migration(hive, id, m, t)));
+    let cancel = v1()
+        .and(warp::path!("migrations" / String / "cancel"))
+        .and(warp::post())
+        .and(h())
+        .and(auth())
+        .then(|id, hive, t| timed("/api/v1/migrations/{id}/cancel", cancel(hive, id, t)));
+    let upload = v1()
+        .and(warp::path!("agent" / "migrations" / String / "disk"))
+        .and(warp::put())
+        .and(h())
+        .and(auth())
+        .and(warp::header::optional::<String>("x-sha256"))
+        .and(warp::header::optional::<u64>("content-length"))
+        .and(warp::header::optional::<u64>("x-virtual-size"))
+        .and(warp::body::stream())
+        .then(|id, hive, t, sha, len, vsize, s| timed("/api/v1/agent/migrations/{id}/disk", upload(hive, id, t, sha, len, vsize, s)));
+    discover
+        .or(resources)
+        .unify()
+        .or(migrations)
+        .unify()
+        .or(cancel)
+        .unify()
+        .or(migration)
+        .unify()
+        .or(upload)
+        .unify()
+        .or(sources)
+        .unify()
+        .or(destinations)
+        .unify()
+        .boxed()
+}
+
+/// `/api/v1/{segment}` (list, create) and `/api/v1/{segment}/{id}` (show, edit, delete).
+fn endpoint_routes(hive: Hive, segment: &'static str, role: Role) -> BoxedFilter<(Response,)> {
+    let h = || with_hive(hive.clone());
+    let base = move || warp::path("api").and(warp::path("v1")).and(warp::path(segment));
+    let all = base()
+        .and(warp::path::end())
+        .and(warp::method())
+        .and(h())
+        .and(auth())
+        .and(body())
+        .then(move |m, hive, t, b| timed("/api/v1/migration-{sources,destinations}", endpoints(hive, role, m, t, b)));
+    let one = base()
+        .and(warp::path::param::<String>())
+        .and(warp::path::end())
+        .and(warp::method())
+        .and(h())
+        .and(auth())
+        .and(body())
+        .then(move |id, m, hive, t, b| timed("/api/v1/migration-{sources,destinations}/{id}", endpoint(hive, role, id, m, t, b)));
+    all.or(one).unify().boxed()
+}
+
+async fn endpoints(hive: Hive, role: Role, m: warp::http::Method, t: Option<String>, b: bytes::Bytes) -> ApiResult {
+    require_admin(&hive, t.as_deref())?;
+    match m {
+        warp::http::Method::GET => {
+            let list: Vec<_> = hive.migrations().endpoints(role).await?.iter().map(|e| view(e, &hive)).collect();
+            Ok(reply::json(&list))
+        }
+        warp::http::Method::POST => {
+            let new: NewEndpoint = reply::body(&b)?;
+            let e = hive.migrations().add_endpoint(role, new).await?;
+            Ok(reply::json_status(StatusCode::CREATED, &view(&e, &hive)))
+        }
+        _ => Err(ApiError::MethodNotAllowed),
+    }
+}
+
+async fn endpoint(hive: Hive, role: Role, id: String, m: warp::http::Method, t: Option<String>, b: bytes::Bytes) -> ApiResult {
+    require_admin(&hive, t.as_deref())?;
+    let id = uint(role.name(), &id)?;
+    match m {
+        warp::http::Method::GET => Ok(reply::json(&view(&hive.migrations().endpoint(role, id).await?, &hive))),
+        warp::http::Method::PUT => {
+            let new: NewEndpoint = reply::body(&b)?;
+            Ok(reply::json(&view(&hive.migrations().edit_endpoint(role, id, new).await?, &hive)))
+        }
+        warp::http::Method::DELETE => {
+            hive.migrations().remove_endpoint(role, id).await?;
+            Ok(reply::json(&json!({"deleted": id})))
+        }
+        _ => Err(ApiError::MethodNotAllowed),
+    }
+}
+
+async fn discover(hive: Hive, id: String, t: Option<String>) -> ApiResult {
+    require_admin(&hive, t.as_deref())?;
+    let id = uint("source", &id)?;
+    Ok(reply::json(&hive.migrations().discover(id).await?))
+}
+
+async fn resources(hive: Hive, t: Option<String>, q: std::collections::HashMap<String, String>) -> ApiResult {
+    require_admin(&hive, t.as_deref())?;
+    let source = q.get("source").map(|s| uint("source", s)).transpose()?;
+    Ok(reply::json(&hive.migrations().resources(source).await?))
+}
+
+async fn migrations(hive: Hive, m: warp::http::Method, t: Option<String>, b: bytes::Bytes) -> ApiResult {
+    require_admin(&hive, t.as_deref())?;
+    match m {
+        warp::http::Method::GET => Ok(reply::json(&hive.migrations().list().await?)),
+        warp::http::Method::POST => {
+            let new: NewMigration = reply::body(&b)?;
+            Ok(reply::json_status(StatusCode::CREATED, &hive.migrations().create(new).await?))
+        }
+        _ => Err(ApiError::MethodNotAllowed),
+    }
+}
+
+async fn migration(hive: Hive, id: String, m: warp::http::Method, t: Option<String>) -> ApiResult {
+    require_admin(&hive, t.as_deref())?;
+    let id = uint("migration", &id)?;
+    match m {
+        warp::http::Method::GET => Ok(reply::json(&hive.migrations().get(id).await?)),
+        warp::http::Method::DELETE => {
+            hive.migrations().delete(id).await?;
+            Ok(reply::json(&json!({"deleted": id})))
+        }
+        _ => Err(ApiError::MethodNotAllowed),
+    }
+}
+
+async fn cancel(hive: Hive, id: String, t: Option<String>) -> ApiResult {
+    require_admin(&hive, t.as_deref())?;
+    let id = uint("migration", &id)?;
+    Ok(reply::json(&hive.migrations().cancel(id).await?))
+}
+
+/// The worker's converted disk, streamed into the image registry in chunks.
+async fn upload<S, B>(
+    hive: Hive,
+    id: String,
+    t: Option<String>,
+    sha: Option<String>,
+    len: Option<u64>,
+    virtual_size: Option<u64>,
+    body: S,
+) -> ApiResult
+where
+    S: futures_util::Stream<Item = Result<B, warp::Error>> + Send + Unpin,
+    B: Buf,
+{
+    let id = uint("migration", &id)?;
+    let given = t.as_deref().and_then(|h| h.strip_prefix("Bearer ")).unwrap_or("");
+    let node = hive.authenticate_agent(given).await.map_err(ApiError::from)?;
+    let m = hive.migrations().upload_allowed(id, node).await?;
+    let sha = sha.ok_or_else(|| ApiError::bad("x-sha256", "the converted disk's SHA-256 is required"))?;
+    let size = len.ok_or_else(|| ApiError::bad("content-length", "the disk's size is required"))?;
+    let images = hive.images();
+    // The guest sees the disk's virtual size: that is what a VM of this image needs.
+    let disk_mb = virtual_size.unwrap_or(size).div_ceil(1024 * 1024).max(1);
+    let readme = format!("Migrated by migration {id} ({}).", m.description);
+    let spec = UploadSpec { name: m.name.clone(), sha256: sha.clone(), size, readme: Some(readme), cores: 1, ram_mb: 512, disk_mb };
+    let upload = match images.begin(spec).await {
+        Ok((u, _)) => u,
+        // The same content was migrated before: the image is there already.
+        Err(ImageError::Exists(_)) => return Ok(reply::json(&images.get(&sha).await?)),
+        Err(e) => return Err(e.into()),
+    };
+    let chunk = images.chunk_max().max(1) as usize;
+    let mut offset = upload.offset;
+    let mut buf = bytes::BytesMut::new();
+    let mut body = body.map_ok(|mut b| b.copy_to_bytes(b.remaining()));
+    let mut skip = offset;
+    while let Some(part) = body.next().await {
+        let mut part = part.map_err(|e| ApiError::BadBody(format!("upload broke off: {e}")))?;
+        // A resumed upload already holds the first `offset` bytes.
+        let drop_n = (skip as usize).min(part.len());
+        part.advance(drop_n);
+        skip -= drop_n as u64;
+        buf.extend_from_slice(&part);
+        while buf.len() >= chunk {
+            let piece = buf.split_to(chunk).freeze();
+            offset = images.write(&upload.upload_id, offset, piece).await?;
+        }
+    }
+    if !buf.is_empty() {
+        offset = images.write(&upload.upload_id, offset, buf.freeze()).await?;
+    }
+    if offset != size {
+        return Err(ApiError::BadBody(format!("upload ended at byte {offset} of {size}")));
+    }
+    Ok(reply::json_status(StatusCode::CREATED, &images.complete(&upload.upload_id).await?))
+}

@@ -1,0 +1,146 @@
+//! The last worker step: stream the qcow2 to the hive in one `PUT`, with its length, SHA-256 and
+//! virtual size in headers so the hive can check what arrived. Only reaching the hive is bounded
+//! by a timeout: a disk may take hours to send. Cancel aborts the request at once. The bearer
+//! token is never logged and is marked sensitive in the request.
+
+use std::time::{Duration, Instant};
+
+use futures_util::TryStreamExt;
+use reqwest::header::{AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, HeaderValue};
+use reqwest::{Body, StatusCode, Url};
+use secrecy::{ExposeSecret, SecretString};
+use tokio_util::io::ReaderStream;
+use tokio_util::sync::CancellationToken;
+
+use super::{Converted, StepReporter, StepSender, WorkerError, percent};
+use crate::domain::migration::Event;
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bytes read from the file per body chunk.
+const CHUNK: usize = 256 * 1024;
+/// The hive answers with a small JSON document; more than this is not kept.
+const ANSWER_MAX: usize = 1 << 20;
+/// Characters of a non-JSON error answer quoted in the error.
+const QUOTE_MAX: usize = 200;
+
+/// `PUT` the qcow2 to `url` with `Authorization: Bearer <bearer>`, reporting the bytes sent as
+/// `UploadingToDestination` percents (100 once the hive accepted it), and answer the hive's JSON
+/// (`null` for an empty answer). A non-2xx answer is an error carrying its status and the
+/// message of the hive's `{"error": {"code", "message"}}` envelope.
+pub async fn upload(
+    converted: &Converted,
+    url: &str,
+    bearer: &SecretString,
+    steps: &StepSender,
+    cancel: &CancellationToken,
+) -> Result<serde_json::Value, WorkerError> {
+    if cancel.is_cancelled() {
+        return Err(WorkerError::Cancelled);
+    }
+    let shown = shown(url);
+    let fail = |status: Option<StatusCode>, message: String| WorkerError::Upload {
+        url: shown.clone(),
+        status: status.map(|s| s.as_u16()),
+        message,
+    };
+    let target = Url::parse(url).map_err(|e| fail(None, format!("not a URL: {e}")))?;
+    let mut auth = HeaderValue::from_str(&format!("Bearer {}", bearer.expose_secret()))
+        .map_err(|_| fail(None, "the bearer token is not a valid header value".into()))?;
+    auth.set_sensitive(true);
+
+    let path = &converted.path;
+    let file = tokio::fs::File::open(path).await.map_err(|e| WorkerError::io(format!("open {}", path.display()), e))?;
+    let size = file.metadata().await.map_err(|e| WorkerError::io(format!("stat {}", path.display()), e))?.len();
+    if size != converted.size {
+        let changed = std::io::Error::other(format!("{size} bytes, {} when it was hashed", converted.size));
+        return Err(WorkerError::io(format!("{} changed since its conversion", path.display()), changed));
+    }
+
+    let mut report = StepReporter::start(steps, Event::UploadingToDestination);
+    let mut sent = 0u64;
+    // Bytes handed to the connection, not yet acknowledged: 100 waits for the hive's answer.
+    let body = ReaderStream::with_capacity(file, CHUNK).inspect_ok(move |chunk| {
+        sent += chunk.len() as u64;
+        report.to(percent(sent, size).unwrap_or(0).min(99));
+    });
+    let client = reqwest::Client::builder().connect_timeout(CONNECT_TIMEOUT).build().map_err(|e| fail(None, describe(&e)))?;
+    let request = client
+        .put(target)
+        .header(AUTHORIZATION, auth)
+        .header(CONTENT_LENGTH, size)
+        .header(CONTENT_TYPE, "application/octet-stream")
+        .header("x-sha256", converted.sha256.as_str())
+        .header("x-virtual-size", converted.virtual_size)
+        .body(Body::wrap_stream(body));
+
+    let started = Instant::now();
+    let exchange = async {
+        let mut response = request.send().await.map_err(|e| fail(None, describe(&e)))?;
+        let status = response.status();
+        let mut answer = Vec::new();
+        while let Some(chunk) = response.chunk().await.map_err(|e| fail(Some(status), format!("reading the answer: {}", describe(&e))))? {
+            let room = ANSWER_MAX.saturating_sub(answer.len());
+            answer.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        }
+        Ok::<_, WorkerError>((status, answer))
+    };
+    let (status, answer) = tokio::select! {
+        biased;
+        () = cancel.cancelled() => return Err(WorkerError::Cancelled),
+        exchanged = exchange => exchanged?,
+    };
+    if !status.is_success() {
+        return Err(fail(Some(status), refusal(status, &answer)));
+    }
+    let value = if answer.iter().all(u8::is_ascii_whitespace) {
+        serde_json::Value::Null
+    } else {
+        serde_json::from_slice(&answer).map_err(|e| fail(Some(status), format!("the answer is not JSON: {e}")))?
+    };
+    let _ = steps.send((Event::UploadingToDestination, 100));
+    tracing::info!(bytes = size, duration_ms = started.elapsed().as_millis() as u64, "migration disk uploaded");
+    Ok(value)
+}
+
+/// What a refusal says: the envelope's message, else the start of the text, else the reason.
+fn refusal(status: StatusCode, answer: &[u8]) -> String {
+    let envelope = serde_json::from_slice::<serde_json::Value>(answer).ok();
+    if let Some(message) = envelope.as_ref().and_then(|v| v.pointer("/error/message")).and_then(|m| m.as_str()) {
+        return message.to_string();
+    }
+    let text = String::from_utf8_lossy(answer);
+    let text = text.trim();
+    if text.is_empty() {
+        return status.canonical_reason().unwrap_or("no message").to_string();
+    }
+    text.chars().take(QUOTE_MAX).collect()
+}
+
+/// The URL without user name or password, for errors and logs.
+fn shown(url: &str) -> String {
+    match Url::parse(url) {
+        Ok(mut parsed) => {
+            let _ = parsed.set_password(None);
+            let _ = parsed.set_username("");
+            parsed.to_string()
+        }
+        // Cannot hold credentials in a form we could strip: show only that it was bad.
+        Err(_) => "(unparseable URL)".to_string(),
+    }
+}
+
+/// reqwest's message with its causes (the useful part is further down the chain), without the
+/// URL, which the error names already.
+fn describe(e: &reqwest::Error) -> String {
+    let mut text = e.to_string();
+    if let Some(url) = e.url() {
+        text = text.replace(&format!(" for url ({url})"), "");
+    }
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
