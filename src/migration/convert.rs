@@ -4,7 +4,7 @@
 //! Guarantees: the source is probed first and refused unless its format is one of the six (and
 //! matches the declared one, if any) and it reads no file but itself (no backing file, external
 //! data file or extra vmdk extent: a disk from a migration source is untrusted input). qemu-img
-//! writes into `.<name>.part` beside the target, which is fsynced and renamed to the target only
+//! writes into `.<name>.part` beside the target, which is (with `durable`, fsynced and) renamed to the target only
 //! on success; on any error or cancel, or if the future is dropped, qemu-img is killed and the
 //! partial file removed, so the target directory holds either the complete image or nothing new.
 
@@ -210,11 +210,15 @@ pub struct ConvertJob {
     /// qemu-img's `-W`: out-of-order writes. Faster, but qemu recommends it for preallocated
     /// targets only (a qcow2 file gets fragmented), hence off by default.
     pub out_of_order: bool,
+    /// fsync the image (and the rename) before answering, so that after a crash the target name
+    /// never stands over lost data. Off by default: the worker uploads its output at once and
+    /// starts a job over after a crash, and the flush would double the step's time.
+    pub durable: bool,
 }
 
 impl ConvertJob {
     pub fn new(source: impl Into<PathBuf>, target: impl Into<PathBuf>) -> Self {
-        Self { source: source.into(), declared_format: None, target: target.into(), coroutines: None, out_of_order: false }
+        Self { source: source.into(), declared_format: None, target: target.into(), coroutines: None, out_of_order: false, durable: false }
     }
 }
 
@@ -242,7 +246,8 @@ pub async fn convert(job: &ConvertJob, progress: &watch::Sender<f32>, cancel: &C
     let part_file = PartFile { path: part.clone(), armed: true };
     let written = match run_convert(job, info.format, &part, progress, cancel).await {
         Ok(()) if cancel.is_cancelled() => Err(cancelled()),
-        Ok(()) => sync_file(&part, &job.target).await,
+        Ok(()) if job.durable => sync_file(&part, &job.target).await,
+        Ok(()) => tokio::fs::metadata(&part).await.map(|m| m.len()).map_err(|e| ConvertError::io(format!("stat {}", part.display()), e)),
         Err(e) => Err(e),
     };
     let bytes_written = match written {
@@ -258,8 +263,10 @@ pub async fn convert(job: &ConvertJob, progress: &watch::Sender<f32>, cancel: &C
     }
     part_file.keep();
     // Makes the rename durable; the image itself already is, so a failure here only warns.
-    if let Err(e) = sync_dir(dir).await {
-        tracing::warn!(path = %job.target.display(), error = %e, "could not fsync the target directory");
+    if job.durable {
+        if let Err(e) = sync_dir(dir).await {
+            tracing::warn!(path = %job.target.display(), error = %e, "could not fsync the target directory");
+        }
     }
     raise(progress, 100.0);
     let duration = started.elapsed();
