@@ -11,7 +11,8 @@
 #     system service stays stopped);
 #   - Chromium and ChromeDriver (chromium-driver pulls chromium in) for the browser tests;
 #   - the tiny test guests (a Debian kernel and a busybox initramfs; `tiny-net` adds DHCP and
-#     dropbear, from dropbear-bin), see build-test-guest.sh;
+#     dropbear, from dropbear-bin), see build-test-guest.sh, and a BIOS-bootable raw disk of the
+#     tiny guest (syslinux, mtools, dosfstools, parted), see build-test-guest-disk.sh;
 #   - the desktop driver's processes: Xvfb, x11vnc and Chromium (with one small font, for pages
 #     with text; the tests read the screen over VNC, so no screenshot tool is needed).
 # Needs root (it runs apt-get). Prints the libvirt URI the tests use.
@@ -31,6 +32,11 @@ command -v cpio >/dev/null || need+=(cpio)
 command -v ssh-keygen >/dev/null || need+=(openssh-client)
 command -v ip >/dev/null || need+=(iproute2)
 dpkg -s busybox-static >/dev/null 2>&1 || need+=(busybox-static)
+command -v syslinux >/dev/null || need+=(syslinux)
+[ -s /usr/lib/syslinux/mbr/mbr.bin ] || need+=(syslinux-common)
+command -v mcopy >/dev/null || need+=(mtools)
+command -v mkfs.vfat >/dev/null || need+=(dosfstools)
+command -v parted >/dev/null || need+=(parted)
 command -v pkg-config >/dev/null || need+=(pkg-config)
 command -v redis-server >/dev/null || need+=(redis-server)
 command -v promtool >/dev/null || need+=(prometheus)
@@ -68,7 +74,7 @@ SRC
         libvirt-clients libvirt-dev >/dev/null
     apt-get install -y -qq -o Dpkg::Use-Pty=0 \
         dnsmasq-base openssh-server openssh-client iproute2 cpio pkg-config busybox-static \
-        dropbear-bin redis-server >/dev/null
+        dropbear-bin redis-server syslinux syslinux-common mtools dosfstools parted >/dev/null
     # Without recommends: the node exporter and its service are not wanted here.
     apt-get install -y -qq -o Dpkg::Use-Pty=0 --no-install-recommends prometheus >/dev/null
     # Postgres for the store tests; started below by postgres-up.sh, not by the package.
@@ -83,4 +89,5 @@ fi
 "$here/postgres-up.sh" >/dev/null
 "$here/libvirt-up.sh"
 "$here/build-test-guest.sh" >/dev/null
+"$here/build-test-guest-disk.sh" >/dev/null
 "$here/accel.sh" >/dev/null

@@ -148,6 +148,12 @@ impl AgentImages {
         crate::distribution::server::routes(self.catalog.clone(), self.cache.clone(), self.up.clone())
     }
 
+    /// The file of image `sha256`, if it is held here whole and verified.
+    pub fn image_path(&self, sha256: &str) -> Option<PathBuf> {
+        let ok = sha256.len() == 64 && sha256.bytes().all(|b| b.is_ascii_hexdigit());
+        Some(self.dir.join(sha256)).filter(|p| ok && p.is_file())
+    }
+
     /// Images held whole and verified.
     pub fn held(&self) -> Vec<String> {
         let Ok(rd) = std::fs::read_dir(&self.dir) else { return vec![] };

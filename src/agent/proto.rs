@@ -254,6 +254,14 @@ pub enum Command {
     ProbeSource {
         source: crate::migration::fetch::SourceSpec,
     },
+    /// Make image `sha256`, held by the node, a template of its hypervisor called `name`
+    /// (`Hypervisor::install_template`).
+    InstallTemplate {
+        sha256: String,
+        name: String,
+        #[serde(default)]
+        ready: Option<String>,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -319,6 +319,16 @@ async fn connect_once(
                         let _ = out.send(AgentMsg::Reply { id, result: super::migrate::discover(&source).await });
                     });
                 }
+                Some(HiveMsg::Command { id, cmd: Command::InstallTemplate { sha256, name, ready } }) => {
+                    let (hv, out, path) = (hv.clone(), out_tx.clone(), images.image_path(&sha256));
+                    tokio::spawn(async move {
+                        let result = match path {
+                            Some(p) => hv.install_template(&name, &p, ready.as_deref()).await.map(|_| CmdOk::Done),
+                            None => Err(crate::drivers::DriverError::NotFound(format!("image {sha256} is not held on this node"))),
+                        };
+                        let _ = out.send(AgentMsg::Reply { id, result });
+                    });
+                }
                 Some(HiveMsg::Command { id, cmd: Command::ProbeSource { source } }) => {
                     let out = out_tx.clone();
                     tokio::spawn(async move {

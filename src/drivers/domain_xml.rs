@@ -26,6 +26,10 @@ pub enum DomainXmlError {
     Parse(String),
     #[error("bad network {0:?}: use none, user or bridge:<name>")]
     BadNetwork(String),
+    #[error("template {0:?} exists already; VMs may depend on its disk, so it is never replaced")]
+    TemplateExists(String),
+    #[error("{0:?} cannot name a template: one path component of letters, digits, '.', '-' or '_', not starting with '.'")]
+    BadTemplateName(String),
 }
 
 /// libvirt's domain type: what runs the guest.
@@ -106,6 +110,44 @@ pub struct TemplateFiles {
 }
 
 impl TemplateFiles {
+    /// Make the qcow2 disk `image` a template `name` under `templates_dir` (blocking). The disk
+    /// is hard-linked when it can be (same file system), else copied; the template appears whole
+    /// or not at all (built beside it, then renamed into place).
+    pub fn install(templates_dir: &Path, name: &str, image: &Path, ready: Option<&str>) -> Result<(), DomainXmlError> {
+        let valid = !name.is_empty()
+            && name.len() <= 100
+            && !name.starts_with('.')
+            && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'));
+        if !valid {
+            return Err(DomainXmlError::BadTemplateName(name.into()));
+        }
+        let dir = templates_dir.join(name);
+        if dir.exists() {
+            return Err(DomainXmlError::TemplateExists(name.into()));
+        }
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| DomainXmlError::Io { path, source }
+        };
+        let part = templates_dir.join(format!(".{name}.part-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&part);
+        std::fs::create_dir_all(&part).map_err(io(&part))?;
+        let built = (|| {
+            let disk = part.join("disk.qcow2");
+            if std::fs::hard_link(image, &disk).is_err() {
+                std::fs::copy(image, &disk).map_err(io(&disk))?;
+            }
+            if let Some(line) = ready {
+                std::fs::write(part.join("ready"), format!("{}\n", line.trim())).map_err(io(&part))?;
+            }
+            std::fs::rename(&part, &dir).map_err(io(&dir))
+        })();
+        if built.is_err() {
+            let _ = std::fs::remove_dir_all(&part);
+        }
+        built
+    }
+
     pub fn locate(templates_dir: &Path, name: &str) -> Result<Self, DomainXmlError> {
         let dir = templates_dir.join(name);
         // A template name is one path component: nothing may climb out of templates_dir.

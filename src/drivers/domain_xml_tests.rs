@@ -168,3 +168,25 @@ fn snapshot_xml_names_the_snapshot() {
         assert_eq!((disk.attribute("name"), disk.attribute("snapshot")), (Some("vda"), Some("internal")));
     }
 }
+
+#[test]
+fn an_installed_template_is_found_whole_and_never_replaced() {
+    let root = tempfile::tempdir().unwrap();
+    let image = root.path().join("image");
+    std::fs::write(&image, b"qcow2 bytes").unwrap();
+    let templates = root.path().join("templates");
+    std::fs::create_dir_all(&templates).unwrap();
+    TemplateFiles::install(&templates, "web-01", &image, Some(" guest up ")).unwrap();
+    let t = TemplateFiles::locate(&templates, "web-01").unwrap();
+    assert_eq!(std::fs::read(&t.disk).unwrap(), b"qcow2 bytes");
+    assert_eq!((t.format, t.ready.as_deref(), t.kernel), ("qcow2", Some("guest up"), None));
+    let again = TemplateFiles::install(&templates, "web-01", &image, None).unwrap_err();
+    assert!(matches!(again, DomainXmlError::TemplateExists(_)), "{again}");
+    for bad in ["", "../x", ".hidden", "a/b", "sp ace"] {
+        assert!(matches!(TemplateFiles::install(&templates, bad, &image, None), Err(DomainXmlError::BadTemplateName(_))), "{bad:?}");
+    }
+    let missing = TemplateFiles::install(&templates, "gone", &root.path().join("nope"), None).unwrap_err();
+    assert!(matches!(missing, DomainXmlError::Io { .. }), "{missing}");
+    let names: Vec<_> = std::fs::read_dir(&templates).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(names, vec![std::ffi::OsString::from("web-01")], "nothing half-built is left");
+}

@@ -117,4 +117,11 @@ pub trait Hypervisor: Send + Sync + 'static {
     async fn stats(&self, domain: &str) -> Result<VmStats, DriverError>;
     /// Names of the domains this hypervisor holds (for reconciliation after a restart).
     async fn list(&self) -> Result<Vec<String>, DriverError>;
+    /// Make the disk `image` (a file on this host) a template called `name`, whose guest is up
+    /// once it prints `ready` on its console (if given). An existing template is never
+    /// replaced: its VMs' overlays depend on its disk.
+    async fn install_template(&self, name: &str, image: &std::path::Path, ready: Option<&str>) -> Result<(), DriverError> {
+        let _ = (name, image, ready);
+        Err(DriverError::Unsupported("installing templates".into()))
+    }
 }

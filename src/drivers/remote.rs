@@ -198,6 +198,14 @@ impl RemoteHypervisor {
         link.call(cmd, timeout).await
     }
 
+    /// Have the agent make image `sha256` (which it holds) a template called `name`.
+    pub async fn install_template_image(&self, sha256: &str, name: &str, ready: Option<String>) -> Result<(), DriverError> {
+        match self.call(Command::InstallTemplate { sha256: sha256.into(), name: name.into(), ready }).await? {
+            CmdOk::Done => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
     /// An agent-side command with the usual timeout (cancel, discover, probe).
     pub async fn agent_call(&self, cmd: Command) -> Result<CmdOk, DriverError> {
         self.call(cmd).await
@@ -321,7 +329,10 @@ pub async fn execute(h: &dyn Hypervisor, cmd: Command) -> Result<CmdOk, DriverEr
         | Command::Migrate { .. }
         | Command::CancelMigration { .. }
         | Command::Discover { .. }
-        | Command::ProbeSource { .. } => return Err(DriverError::Unsupported("that command is the agent's, not the hypervisor's".into())),
+        | Command::ProbeSource { .. }
+        | Command::InstallTemplate { .. } => {
+            return Err(DriverError::Unsupported("that command is the agent's, not the hypervisor's".into()));
+        }
     })
 }
 

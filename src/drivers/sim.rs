@@ -294,6 +294,11 @@ impl Hypervisor for SimHypervisor {
         self.with_vm(domain, |vm| Ok(VmStats { cpu_time_ns: 0, memory_kb: if vm.running { 512 * 1024 } else { 0 } }))
     }
 
+    /// Simulated VMs read no disk: any template name works, so there is nothing to install.
+    async fn install_template(&self, _name: &str, image: &std::path::Path, _ready: Option<&str>) -> Result<(), DriverError> {
+        if image.is_file() { Ok(()) } else { Err(DriverError::NotFound(image.display().to_string())) }
+    }
+
     async fn list(&self) -> Result<Vec<String>, DriverError> {
         Ok(self.domains())
     }

@@ -1,7 +1,9 @@
 //! The last step of a migration: the converted image, now in the hive's image registry, is
-//! fetched by the destination node, an instance of it is created and started there, and it
-//! must answer a guest ping before the migration counts as done. The check instance is then
-//! destroyed; the image stays, for pools and lifecycle objects to use.
+//! fetched by the destination node and installed there as a template (named by the
+//! destination's `template` parameter, else after the migration), an instance of it is created
+//! and started, and it must answer a guest ping (on libvirt: print the destination's `ready`
+//! line on its console, when one is given) before the migration counts as done. The check
+//! instance is then destroyed; the template stays, for pools to use (`vm.template`).
 
 use std::time::Duration;
 
@@ -32,8 +34,17 @@ pub async fn boot_check(nodes: &NodeRegistryHandle, destination: &Endpoint, imag
     if !fetched.verified {
         return Err(format!("node {node} could not verify image {sha256}"));
     }
+    let template = match destination.params.get("template").and_then(|t| t.as_str()) {
+        Some(t) => t.to_string(),
+        None => short(name),
+    };
+    let ready = destination.params.get("ready").and_then(|r| r.as_str()).map(str::to_string);
+    remote
+        .install_template_image(sha256, &template, ready)
+        .await
+        .map_err(|e| format!("node {node} installing template {template:?}: {e}"))?;
     let driver = nodes.driver(node).await.map_err(|e| format!("node {node}: {e}"))?;
-    let spec = VmSpec { name: format!("migrated-{}", short(name)), template: sha256.to_string(), cores: 1, ram_mb: 512, disk_mb: 0 };
+    let spec = VmSpec { name: format!("migrated-{template}"), template: template.clone(), cores: 1, ram_mb: 512, disk_mb: 0 };
     let domain = driver.create(&spec).await.map_err(|e| format!("creating an instance on node {node}: {e}"))?;
     let checked = async {
         driver.start(&domain).await.map_err(|e| format!("starting the instance on node {node}: {e}"))?;
@@ -53,11 +64,14 @@ pub async fn boot_check(nodes: &NodeRegistryHandle, destination: &Endpoint, imag
         tracing::warn!(node, domain = %domain, error = %e, "could not destroy the migration's check instance");
     }
     let ip = checked?;
-    Ok(json!({"node": node, "image": sha256, "checked_instance": domain, "guest_ip": ip}))
+    Ok(json!({"node": node, "image": sha256, "template": template, "checked_instance": domain, "guest_ip": ip}))
 }
 
+/// A template name from a migration's name: the characters a template name allows.
 fn short(name: &str) -> String {
-    name.chars().filter(|c| c.is_ascii_alphanumeric() || *c == '-').take(40).collect()
+    let t: String = name.chars().filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')).take(60).collect();
+    let t = t.trim_start_matches('.').to_string();
+    if t.is_empty() { "migrated".into() } else { t }
 }
 
 async fn any_connected(nodes: &NodeRegistryHandle) -> Result<NodeId, String> {

@@ -272,6 +272,15 @@ impl Hypervisor for LibvirtHypervisor {
         .await
     }
 
+    async fn install_template(&self, name: &str, image: &std::path::Path, ready: Option<&str>) -> Result<(), DriverError> {
+        let (name, image, ready) = (name.to_string(), image.to_path_buf(), ready.map(str::to_string));
+        self.blocking(move |s| {
+            super::domain_xml::TemplateFiles::install(&s.cfg.templates_dir, &name, &image, ready.as_deref())
+                .map_err(|e| DriverError::Failed(e.to_string()))
+        })
+        .await
+    }
+
     async fn list(&self) -> Result<Vec<String>, DriverError> {
         self.blocking(ops::list).await
     }
