@@ -1,6 +1,7 @@
-//! `hive ctl`: a command-line client of the hive's HTTP API (images for now). Long work shows a
-//! progress bar on stderr, hidden when stderr is not a terminal; results go to stdout. A refusal
-//! from the hive becomes `CtlError::Hive` carrying its code and message, and a non-zero exit.
+//! `hive ctl`: a command-line client of the hive's HTTP API (images here; migrations in
+//! `ctl_migration.rs`). Long work shows a progress bar on stderr, hidden when stderr is not a
+//! terminal; results go to stdout. A refusal from the hive becomes `CtlError::Hive` carrying its
+//! code and message, and a non-zero exit.
 //! `image upload` hashes the file, creates the upload or resumes the one the hive already has
 //! for that content (from the offset the hive reports), sends chunks and completes it.
 
@@ -17,6 +18,9 @@ use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
 use crate::images::{ImageView, UploadSpec, UploadView};
+
+#[path = "ctl_migration.rs"]
+pub mod migration;
 
 /// Consecutive `offset_mismatch` answers tolerated (another client moved the upload) before giving up.
 const MAX_REALIGN: u32 = 3;
@@ -41,6 +45,9 @@ pub enum CtlCmd {
     /// VM images: upload, list, show, delete.
     #[command(subcommand)]
     Image(ImageCmd),
+    /// VM migrations, and the sources and destinations they move between.
+    #[command(subcommand)]
+    Migration(migration::MigrationCmd),
 }
 
 #[derive(Subcommand)]
@@ -83,6 +90,10 @@ pub enum CtlError {
     NoToken(String),
     #[error("unexpected answer from the hive: {0}")]
     Protocol(String),
+    #[error("{0}")]
+    Usage(String),
+    #[error("migration {id} ended {status}{}", .error.as_deref().map(|e| format!(": {e}")).unwrap_or_default())]
+    MigrationFailed { id: u64, status: &'static str, error: Option<String> },
 }
 
 /// Run one command; print a failure on stderr. The process exit code: 0 on success, else 1.
@@ -118,6 +129,7 @@ pub async fn run(args: CtlArgs) -> Result<(), CtlError> {
             client.admin()?.send(Method::DELETE, &format!("/api/v1/images/{sha256}"), None).await?;
             println!("deleted {sha256}");
         }
+        CtlCmd::Migration(cmd) => migration::run(&client, cmd).await?,
     }
     Ok(())
 }
@@ -242,7 +254,9 @@ impl Client {
             req = req.bearer_auth(t.expose_secret());
         }
         if let Some(b) = body {
-            req = req.body(b);
+            // Explicit even when 0: hyper leaves out `Content-Length: 0` on a GET, and the hive's
+            // routes that read a body for every method refuse a request without a length.
+            req = req.header(reqwest::header::CONTENT_LENGTH, b.len()).body(b);
         }
         let resp = req.send().await.map_err(|e| CtlError::Unreachable { url: self.base.clone(), reason: chain(&e) })?;
         let status = resp.status();
