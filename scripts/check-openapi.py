@@ -2,7 +2,7 @@
 """Check web/openapi.json against the warp router.
 
 1. Validates the document as OpenAPI (openapi-spec-validator: `pip install openapi-spec-validator`).
-2. Extracts every (method, path) the router serves from src/http/{mod,ops,live,images,nodes,lifecycle,agent,gateway,pages}.rs
+2. Extracts every (method, path) the router serves from src/http/{mod,ops,live,images,nodes,lifecycle,agent,gateway,pages,migrations}.rs
    and checks that the document describes exactly those operations; that exactly the routes
    that read the Authorization header (`auth()`) carry a security requirement; and that
    exactly those whose handler checks the admin token (`require_admin`) carry `bearerAuth`
@@ -13,7 +13,10 @@ whose EXPR contains `warp::get()/post()/put()/patch()/delete()` is a route. Its 
 `let` it starts from (`pools`, `base()`), then `warp::path("x")` and `warp::path!(a / b / String)`
 segments in order (`String` is a parameter); `warp::path!(...).or(warp::path::end())` serves
 both that path and `/`. A function whose returned expression (outside any `let`) names a
-method is one route of its own (`agent.rs`). Path parameters are compared by position only
+method is one route of its own (`agent.rs`). A route on `warp::method()` serves the methods its
+handler matches on (`Method::GET => …`). A route whose path has a segment the regex cannot
+read (`warp::path(segment)` with a variable, `warp::path::param()`) takes its path from its
+`timed("…")` label instead, where `{a,b}` lists alternatives (`/api/v1/migration-{sources,destinations}`). Path parameters are compared by position only
 (`{pool}` == `{id}`). A route is an admin route when its handler (`timed("…", [module::]f(…))`,
 or the route's own text) calls `require_admin`, directly or through a function that does.
 The CORS preflight (OPTIONS on any path) is not a route of its own.
@@ -29,7 +32,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "web" / "openapi.json"
 HTTP = ROOT / "src" / "http"
-ROUTER_FILES = [HTTP / f for f in ("mod.rs", "ops.rs", "live.rs", "images.rs", "nodes.rs", "lifecycle.rs", "agent.rs", "gateway.rs", "pages.rs")]
+ROUTER_FILES = [
+    HTTP / f for f in ("mod.rs", "ops.rs", "live.rs", "images.rs", "nodes.rs", "lifecycle.rs", "agent.rs", "gateway.rs", "pages.rs", "migrations.rs")
+]
 METHODS = ("get", "post", "put", "patch", "delete")
 
 LET = re.compile(r"\blet\s+(?:mut\s+)?(\w+)\s*=\s*(.*?);", re.S)
@@ -40,6 +45,11 @@ PATH_OR_END = re.compile(r"warp::path!\(([^)]*)\)\s*\.or\(\s*warp::path::end\(\)
 FN_NAME = re.compile(r"fn\s+(\w+)")
 HANDLER = re.compile(r'timed\(\s*"[^"]*"\s*,\s*(?:(\w+)::)?(\w+)\(')
 USE_AS = re.compile(r"\buse\s+(\w+)\s+as\s+(\w+)\s*;")
+ANY_METHOD = re.compile(r"warp::method\(\)")
+DISPATCH = re.compile(r"\bMethod::(GET|POST|PUT|PATCH|DELETE)\b")
+OPAQUE = re.compile(r"warp::path\(\s*[A-Za-z_]\w*\s*\)|warp::path::param\b")
+LABEL = re.compile(r'timed\(\s*"([^"]*)"')
+ALTERNATIVES = re.compile(r"\{([^{}]*,[^{}]*)\}")
 
 
 def functions(src):
@@ -55,7 +65,8 @@ def admin_functions():
         fns = functions(f.read_text())
         admin, callees = set(), {"require_admin"}
         while True:
-            call = re.compile(r"\b(%s)\(" % "|".join(sorted(callees)))
+            # Not `.name(`: a method of another type that shares a name (`hive.migrations()`).
+            call = re.compile(r"(?<!\.)\b(%s)\(" % "|".join(sorted(callees)))
             more = {n for n, body in fns if n not in admin and call.search(body)}
             if not more:
                 break
@@ -94,6 +105,29 @@ def macro_segments(args):
     return out
 
 
+def dispatched(expr, fns):
+    """Methods a `warp::method()` route's handler matches on, in order of first mention."""
+    m = HANDLER.search(expr)
+    body = fns.get(m.group(2), "") if m else ""
+    return list(dict.fromkeys(x.lower() for x in DISPATCH.findall(body)))
+
+
+def label_segments(expr):
+    """Segment lists of a route's `timed("…")` label, `{a,b}` expanded; None without a label."""
+    m = LABEL.search(expr)
+    if not m:
+        return None
+    paths, done = [m.group(1)], []
+    while paths:
+        p = paths.pop()
+        a = ALTERNATIVES.search(p)
+        if a:
+            paths += [p[: a.start()] + alt.strip() + p[a.end() :] for alt in a.group(1).split(",")]
+        else:
+            done.append(p)
+    return [["{}" if s.startswith("{") else s for s in p.strip("/").split("/")] for p in done]
+
+
 def segments_of(expr, env):
     """Alternative segment lists an expression matches (more than one only with `.or(path::end())`)."""
     head = re.match(r"\s*(\w+)\s*(\(\s*\))?", expr)
@@ -120,8 +154,9 @@ def router_routes():
     admin_fns = admin_functions()
     for f in ROUTER_FILES:
         src = f.read_text()
+        fns = dict(functions(src))
         for _, body in functions(src):
-            env = {}
+            env, opaque = {}, set()
             outside, pos = [], 0
             for m in LET.finditer(body):
                 outside.append(body[pos : m.start()])
@@ -129,17 +164,33 @@ def router_routes():
                 name, expr = m.group(1), m.group(2)
                 methods = METHOD.findall(expr)
                 segs = segments_of(expr, env)
-                if not methods:
-                    if SEGMENT.search(expr) or (re.match(r"\s*(\w+)", expr) and re.match(r"\s*(\w+)", expr).group(1) in env):
+                head = re.match(r"\s*(\w+)", expr)
+                unreadable = bool(OPAQUE.search(expr)) or bool(head and head.group(1) in opaque)
+                if not methods and ANY_METHOD.search(expr):
+                    methods = dispatched(expr, fns)
+                    if not methods:
+                        problems.append(f"{f.name}: route `{name}` takes any method but its handler matches none; cannot read it")
+                        continue
+                elif not methods:
+                    if SEGMENT.search(expr) or (head and head.group(1) in env):
                         env[name] = segs
+                        if unreadable:
+                            opaque.add(name)
                     continue
-                if len(set(methods)) != 1:
+                elif len(set(methods)) != 1:
                     problems.append(f"{f.name}: route `{name}` has several methods {methods}; cannot read it")
                     continue
                 if not re.search(r"\b%s\b" % re.escape(name), body[m.end():]):
                     problems.append(f"{f.name}: route `{name}` is defined but never mounted")
                     continue
-                add(routes, problems, f, methods[0], segs, ("auth()" in expr, is_admin(expr, src, f.stem, admin_fns)))
+                if unreadable:
+                    segs = label_segments(expr)
+                    if segs is None:
+                        problems.append(f"{f.name}: route `{name}` has a path segment the script cannot read and no timed(\"…\") label")
+                        continue
+                flags = ("auth()" in expr, is_admin(expr, src, f.stem, admin_fns))
+                for method in dict.fromkeys(methods):
+                    add(routes, problems, f, method, segs, flags)
             # The function's returned expression, when it is a route itself.
             tail = "".join(outside) + body[pos:]
             methods = METHOD.findall(tail)

@@ -60,13 +60,19 @@ pub fn routes(hive: Hive) -> BoxedFilter<(Response,)> {
         .and(auth())
         .and(warp::query::<std::collections::HashMap<String, String>>())
         .then(|hive, t, q| timed("/api/v1/migration-resources", resources(hive, t, q)));
-    let migrations = v1()
+    let list = v1()
         .and(warp::path!("migrations"))
-        .and(warp::method())
+        .and(warp::get())
+        .and(h())
+        .and(auth())
+        .then(|hive, t| timed("/api/v1/migrations", list_migrations(hive, t)));
+    let create = v1()
+        .and(warp::path!("migrations"))
+        .and(warp::post())
         .and(h())
         .and(auth())
         .and(body())
-        .then(|m, hive, t, b| timed("/api/v1/migrations", migrations(hive, m, t, b)));
+        .then(|hive, t, b| timed("/api/v1/migrations", create_migration(hive, t, b)));
     let migration = v1()
         .and(warp::path!("migrations" / String))
         .and(warp::method())
@@ -92,7 +98,9 @@ pub fn routes(hive: Hive) -> BoxedFilter<(Response,)> {
     discover
         .or(resources)
         .unify()
-        .or(migrations)
+        .or(list)
+        .unify()
+        .or(create)
         .unify()
         .or(cancel)
         .unify()
@@ -111,49 +119,65 @@ pub fn routes(hive: Hive) -> BoxedFilter<(Response,)> {
 fn endpoint_routes(hive: Hive, segment: &'static str, role: Role) -> BoxedFilter<(Response,)> {
     let h = || with_hive(hive.clone());
     let base = move || warp::path("api").and(warp::path("v1")).and(warp::path(segment));
-    let all = base()
+    // A body is read only by the methods that have one: `body()` wants a Content-Length,
+    // which a GET or DELETE (curl's, for one) does not carry.
+    let list = base()
         .and(warp::path::end())
-        .and(warp::method())
+        .and(warp::get())
+        .and(h())
+        .and(auth())
+        .then(move |hive, t| timed("/api/v1/migration-{sources,destinations}", list_endpoints(hive, role, t)));
+    let add = base()
+        .and(warp::path::end())
+        .and(warp::post())
         .and(h())
         .and(auth())
         .and(body())
-        .then(move |m, hive, t, b| timed("/api/v1/migration-{sources,destinations}", endpoints(hive, role, m, t, b)));
+        .then(move |hive, t, b| timed("/api/v1/migration-{sources,destinations}", add_endpoint(hive, role, t, b)));
     let one = base()
         .and(warp::path::param::<String>())
         .and(warp::path::end())
         .and(warp::method())
         .and(h())
         .and(auth())
+        .then(move |id, m, hive, t| timed("/api/v1/migration-{sources,destinations}/{id}", endpoint(hive, role, id, m, t)));
+    let edit = base()
+        .and(warp::path::param::<String>())
+        .and(warp::path::end())
+        .and(warp::put())
+        .and(h())
+        .and(auth())
         .and(body())
-        .then(move |id, m, hive, t, b| timed("/api/v1/migration-{sources,destinations}/{id}", endpoint(hive, role, id, m, t, b)));
-    all.or(one).unify().boxed()
+        .then(move |id, hive, t, b| timed("/api/v1/migration-{sources,destinations}/{id}", edit_endpoint(hive, role, id, t, b)));
+    edit.or(one).unify().or(list).unify().or(add).unify().boxed()
 }
 
-async fn endpoints(hive: Hive, role: Role, m: warp::http::Method, t: Option<String>, b: bytes::Bytes) -> ApiResult {
+async fn list_endpoints(hive: Hive, role: Role, t: Option<String>) -> ApiResult {
     require_admin(&hive, t.as_deref())?;
-    match m {
-        warp::http::Method::GET => {
-            let list: Vec<_> = hive.migrations().endpoints(role).await?.iter().map(|e| view(e, &hive)).collect();
-            Ok(reply::json(&list))
-        }
-        warp::http::Method::POST => {
-            let new: NewEndpoint = reply::body(&b)?;
-            let e = hive.migrations().add_endpoint(role, new).await?;
-            Ok(reply::json_status(StatusCode::CREATED, &view(&e, &hive)))
-        }
-        _ => Err(ApiError::MethodNotAllowed),
-    }
+    let list: Vec<_> = hive.migrations().endpoints(role).await?.iter().map(|e| view(e, &hive)).collect();
+    Ok(reply::json(&list))
 }
 
-async fn endpoint(hive: Hive, role: Role, id: String, m: warp::http::Method, t: Option<String>, b: bytes::Bytes) -> ApiResult {
+async fn add_endpoint(hive: Hive, role: Role, t: Option<String>, b: bytes::Bytes) -> ApiResult {
+    require_admin(&hive, t.as_deref())?;
+    let new: NewEndpoint = reply::body(&b)?;
+    let e = hive.migrations().add_endpoint(role, new).await?;
+    Ok(reply::json_status(StatusCode::CREATED, &view(&e, &hive)))
+}
+
+async fn edit_endpoint(hive: Hive, role: Role, id: String, t: Option<String>, b: bytes::Bytes) -> ApiResult {
+    require_admin(&hive, t.as_deref())?;
+    let id = uint(role.name(), &id)?;
+    let new: NewEndpoint = reply::body(&b)?;
+    Ok(reply::json(&view(&hive.migrations().edit_endpoint(role, id, new).await?, &hive)))
+}
+
+/// GET or DELETE of one endpoint.
+async fn endpoint(hive: Hive, role: Role, id: String, m: warp::http::Method, t: Option<String>) -> ApiResult {
     require_admin(&hive, t.as_deref())?;
     let id = uint(role.name(), &id)?;
     match m {
         warp::http::Method::GET => Ok(reply::json(&view(&hive.migrations().endpoint(role, id).await?, &hive))),
-        warp::http::Method::PUT => {
-            let new: NewEndpoint = reply::body(&b)?;
-            Ok(reply::json(&view(&hive.migrations().edit_endpoint(role, id, new).await?, &hive)))
-        }
         warp::http::Method::DELETE => {
             hive.migrations().remove_endpoint(role, id).await?;
             Ok(reply::json(&json!({"deleted": id})))
@@ -174,16 +198,15 @@ async fn resources(hive: Hive, t: Option<String>, q: std::collections::HashMap<S
     Ok(reply::json(&hive.migrations().resources(source).await?))
 }
 
-async fn migrations(hive: Hive, m: warp::http::Method, t: Option<String>, b: bytes::Bytes) -> ApiResult {
+async fn list_migrations(hive: Hive, t: Option<String>) -> ApiResult {
     require_admin(&hive, t.as_deref())?;
-    match m {
-        warp::http::Method::GET => Ok(reply::json(&hive.migrations().list().await?)),
-        warp::http::Method::POST => {
-            let new: NewMigration = reply::body(&b)?;
-            Ok(reply::json_status(StatusCode::CREATED, &hive.migrations().create(new).await?))
-        }
-        _ => Err(ApiError::MethodNotAllowed),
-    }
+    Ok(reply::json(&hive.migrations().list().await?))
+}
+
+async fn create_migration(hive: Hive, t: Option<String>, b: bytes::Bytes) -> ApiResult {
+    require_admin(&hive, t.as_deref())?;
+    let new: NewMigration = reply::body(&b)?;
+    Ok(reply::json_status(StatusCode::CREATED, &hive.migrations().create(new).await?))
 }
 
 async fn migration(hive: Hive, id: String, m: warp::http::Method, t: Option<String>) -> ApiResult {

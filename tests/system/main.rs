@@ -14,6 +14,7 @@ mod agents;
 mod api_v1;
 mod bad_input;
 mod browser;
+mod ctl_migration;
 mod durability;
 mod fencing;
 mod gateway;
@@ -26,6 +27,8 @@ mod libvirt_e2e;
 mod libvirt_net;
 mod lifecycle;
 mod migration;
+#[cfg(feature = "libvirt")]
+mod migration_libvirt;
 mod monitor_page;
 mod multi;
 mod nodes_admin;

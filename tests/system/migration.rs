@@ -156,6 +156,13 @@ async fn a_vmdk_export_is_discovered_converted_uploaded_and_booted_at_the_destin
     assert_eq!(res[0]["migrated"], true, "{res}");
     assert!(s.scratch_empty(), "no scratch files left");
 
+    // Lists answer plain GETs (no body, no Content-Length).
+    let all = s.ok("GET", "/api/v1/migrations", None).await;
+    assert_eq!(all.as_array().map(Vec::len), Some(1), "{all}");
+    let sources = s.ok("GET", "/api/v1/migration-sources", None).await;
+    assert_eq!(sources[0]["name"], "esx-exports");
+    assert_eq!(sources[0]["state"], "Up", "discover reached it: {sources}");
+
     // A finished migration can be deleted; a second delete finds nothing.
     s.ok("DELETE", &format!("/api/v1/migrations/{id}"), None).await;
     assert_eq!(s.call("DELETE", &format!("/api/v1/migrations/{id}"), None).await.0, 404);
