@@ -17,7 +17,7 @@
 //! future is dropped), so the caller only ever owns complete disks.
 
 mod file;
-mod http;
+pub(crate) mod http;
 #[cfg(feature = "libvirt")]
 mod libvirt;
 

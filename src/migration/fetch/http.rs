@@ -175,7 +175,7 @@ pub(super) async fn fetch(
 }
 
 /// The URL without user name or password, for errors and logs.
-fn shown(url: &Url) -> String {
+pub(crate) fn shown(url: &Url) -> String {
     let mut url = url.clone();
     let _ = url.set_password(None);
     let _ = url.set_username("");
@@ -184,7 +184,7 @@ fn shown(url: &Url) -> String {
 
 /// reqwest's own message is only the outermost layer ("error sending request"); the cause is
 /// further down the chain. The URL is left out: callers name it without credentials.
-fn describe(e: &reqwest::Error) -> String {
+pub(crate) fn describe(e: &reqwest::Error) -> String {
     let mut text = e.to_string();
     if let Some(url) = e.url() {
         text = text.replace(&format!(" for url ({url})"), "");

@@ -14,6 +14,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::{Converted, StepReporter, StepSender, WorkerError, percent};
 use crate::domain::migration::Event;
+use crate::migration::fetch::http as http_source;
+use http_source::describe;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Bytes read from the file per body chunk.
@@ -65,8 +67,8 @@ pub async fn upload(
     });
     let client = reqwest::Client::builder().connect_timeout(CONNECT_TIMEOUT).build().map_err(|e| fail(None, describe(&e)))?;
     let request = client
-        .put(target)
-        .header(AUTHORIZATION, auth)
+        .put(target.clone())
+        .header(AUTHORIZATION, auth.clone())
         .header(CONTENT_LENGTH, size)
         .header(CONTENT_TYPE, "application/octet-stream")
         .header("x-sha256", converted.sha256.as_str())
@@ -75,7 +77,23 @@ pub async fn upload(
 
     let started = Instant::now();
     let exchange = async {
-        let mut response = request.send().await.map_err(|e| fail(None, describe(&e)))?;
+        let mut response = match request.send().await {
+            Ok(r) => r,
+            // A hive that refuses the upload answers before reading the body and closes; the
+            // client may then only see its write fail. Ask again without a body to learn why.
+            Err(e) => match client
+                .put(target)
+                .header(AUTHORIZATION, auth)
+                .header(CONTENT_LENGTH, 0)
+                .header("x-sha256", converted.sha256.as_str())
+                .send()
+                .await
+            {
+                // Only refusals of the caller, never a complaint about the empty probe itself.
+                Ok(r) if matches!(r.status().as_u16(), 401 | 403 | 404 | 409 | 410) => r,
+                _ => return Err(fail(None, describe(&e))),
+            },
+        };
         let status = response.status();
         let mut answer = Vec::new();
         while let Some(chunk) = response.chunk().await.map_err(|e| fail(Some(status), format!("reading the answer: {}", describe(&e))))? {
@@ -118,29 +136,6 @@ fn refusal(status: StatusCode, answer: &[u8]) -> String {
 
 /// The URL without user name or password, for errors and logs.
 fn shown(url: &str) -> String {
-    match Url::parse(url) {
-        Ok(mut parsed) => {
-            let _ = parsed.set_password(None);
-            let _ = parsed.set_username("");
-            parsed.to_string()
-        }
-        // Cannot hold credentials in a form we could strip: show only that it was bad.
-        Err(_) => "(unparseable URL)".to_string(),
-    }
-}
-
-/// reqwest's message with its causes (the useful part is further down the chain), without the
-/// URL, which the error names already.
-fn describe(e: &reqwest::Error) -> String {
-    let mut text = e.to_string();
-    if let Some(url) = e.url() {
-        text = text.replace(&format!(" for url ({url})"), "");
-    }
-    let mut source = std::error::Error::source(e);
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
+    // A URL that does not parse cannot hold credentials in a form we could strip.
+    Url::parse(url).map(|u| http_source::shown(&u)).unwrap_or_else(|_| "(unparseable URL)".to_string())
 }
