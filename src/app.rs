@@ -146,6 +146,8 @@ impl Hive {
         let admin_token = config.admin_token.clone();
         let gateway_key = crate::gateway::GatewayKey::new(admin_token.as_ref());
         let migrations = crate::migration::service::Migrations::new(writer.store().clone(), nodes.clone(), clock);
+        let resumed = migrations.clone();
+        tokio::spawn(async move { resumed.resume().await });
         Ok(Hive {
             inner: Arc::new(HiveInner {
                 supervisor: HiveHandle::new(actor, timeout),

@@ -33,6 +33,10 @@ use crate::store::{Store, StoreError};
 const RUN_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 /// A node's free-space report older than this does not count.
 const SCRATCH_STALE_MS: Millis = 30_000;
+/// How long scheduling waits for a node to come up or free space before it gives up: agents
+/// reconnect within seconds after they or the hive restarted.
+const SCHEDULE_PATIENCE: Duration = Duration::from_secs(10);
+const SCHEDULE_RETRY: Duration = Duration::from_millis(500);
 
 #[derive(Debug, thiserror::Error)]
 pub enum MigrationError {
@@ -218,6 +222,27 @@ impl Migrations {
         Ok(m)
     }
 
+    /// After a start: migrations that had not finished are driven on. A run in flight ended with
+    /// the old process (its worker's connection went with it), so it counts as a lost worker and
+    /// is retried on another node; one waiting for a worker is scheduled.
+    pub async fn resume(&self) {
+        let all = match self.list().await {
+            Ok(all) => all,
+            Err(e) => return tracing::warn!(error = %e, "cannot resume migrations"),
+        };
+        for m in all.into_iter().filter(|m| !m.is_finished()) {
+            match m.worker.filter(|_| !m.waiting_for_worker()) {
+                Some(node) => {
+                    let lost = MigrationInput::WorkerFailed { node, error: "the hive restarted while it ran".into() };
+                    if let Err(e) = self.input(m.id, lost).await {
+                        tracing::warn!(migration = m.id, error = %e, "cannot resume migration");
+                    }
+                }
+                None => self.carry_out(m.id, m.start_effects()),
+            }
+        }
+    }
+
     pub async fn list(&self) -> Result<Vec<Migration>, MigrationError> {
         Ok(self.rows()?.migrations().await?)
     }
@@ -309,9 +334,19 @@ impl Migrations {
                 return;
             }
         };
-        let input = match choose_worker(&self.candidates(), needed, tried) {
-            Ok(node) => MigrationInput::Scheduled { node },
-            Err(why) => MigrationInput::Unschedulable { reason: why.to_string() },
+        let deadline = tokio::time::Instant::now() + SCHEDULE_PATIENCE;
+        let input = loop {
+            match choose_worker(&self.candidates(), needed, tried) {
+                Ok(node) => break MigrationInput::Scheduled { node },
+                Err(why) if why.may_change() && tokio::time::Instant::now() < deadline => {
+                    // Cancelled meanwhile: nothing left to schedule.
+                    if !self.get(id).await.is_ok_and(|m| m.waiting_for_worker()) {
+                        return;
+                    }
+                    tokio::time::sleep(SCHEDULE_RETRY).await;
+                }
+                Err(why) => break MigrationInput::Unschedulable { reason: why.to_string() },
+            }
         };
         if let Err(e) = self.input(id, input).await {
             tracing::warn!(migration = id, error = %e, "scheduling result not applied");

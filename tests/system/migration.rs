@@ -48,7 +48,8 @@ impl Setup {
         if let Some(b) = body {
             r = r.json(&b);
         }
-        let resp = r.send().await.expect("request");
+        // Status 0: the hive could not be reached (it may be restarting; callers that poll retry).
+        let Ok(resp) = r.send().await else { return (0, Value::Null) };
         let status = resp.status().as_u16();
         (status, resp.json().await.unwrap_or(Value::Null))
     }
@@ -73,7 +74,10 @@ impl Setup {
     async fn until_finished(&self, id: u64) -> (Value, Vec<String>) {
         let events = std::sync::Mutex::new(Vec::<String>::new());
         let m = until("the migration finished", Duration::from_secs(180), || async {
-            let m = self.ok("GET", &format!("/api/v1/migrations/{id}"), None).await;
+            let (status, m) = self.call("GET", &format!("/api/v1/migrations/{id}"), None).await;
+            if status != 200 {
+                return None;
+            }
             let e = m["event"].as_str().unwrap_or_default().to_string();
             let mut seen = events.lock().unwrap();
             if seen.last() != Some(&e) {
@@ -208,4 +212,39 @@ async fn a_corrupt_disk_ends_in_error_with_its_cause_and_a_cancel_stops_a_runnin
     assert_eq!(status, 409, "a finished migration cannot be cancelled again: {e}");
     until("the worker cleaned up", Duration::from_secs(30), || async { s.scratch_empty().then_some(()) }).await;
     assert_eq!(s.ok("GET", &format!("/api/v1/migrations/{big}"), None).await["status"], "Cancelled", "stays cancelled");
+}
+
+#[tokio::test]
+async fn a_migration_cut_by_a_hive_restart_is_retried_on_another_node_and_completes() {
+    let mut s = Setup::start(2).await;
+    let exports = s.dir.path().join("exports");
+    let raw = vmdk_export(s.dir.path(), &exports, 512);
+    let (resources, dst) = s.source_and_destination(&exports).await;
+    let m =
+        s.ok("POST", "/api/v1/migrations", Some(json!({"name": "cut", "resource_id": resources[0]["id"], "destination_id": dst}))).await;
+    let id = m["id"].as_u64().unwrap();
+    let first = until("the first attempt is under way", Duration::from_secs(60), || async {
+        let m = s.ok("GET", &format!("/api/v1/migrations/{id}"), None).await;
+        (m["progress"].as_u64().unwrap_or(0) > 5).then(|| m["worker"].as_u64()).flatten()
+    })
+    .await;
+
+    // Kill the hive (no shutdown path runs) and start it again on the same address.
+    let listen = s.hive.base.trim_start_matches("http://").to_string();
+    s.hive.proc.child.kill().unwrap();
+    s.hive.proc.child.wait().unwrap();
+    s.hive = start_hive(&s.dir.path().join("hive"), &listen, &[]);
+
+    let (m, _) = s.until_finished(id).await;
+    assert_eq!(m["status"], "Completed", "{m}");
+    let attempts = m["attempts"].as_array().unwrap();
+    assert_eq!(attempts.len(), 1, "{m}");
+    assert_eq!(attempts[0]["node"], first);
+    assert!(attempts[0]["error"].as_str().unwrap().contains("restarted"), "{m}");
+    assert_ne!(m["worker"], first, "retried on the other node: {m}");
+    let sha = m["result"]["image"]["sha256"].as_str().unwrap().to_string();
+    let blob = s.dir.path().join("hive/images/blobs").join(&sha);
+    let out = Command::new("qemu-img").args(["compare", "-f", "raw", "-F", "qcow2"]).arg(&raw).arg(&blob).output().unwrap();
+    assert!(out.status.success(), "the image equals the source: {}", String::from_utf8_lossy(&out.stdout));
+    until("no scratch left", Duration::from_secs(30), || async { s.scratch_empty().then_some(()) }).await;
 }
