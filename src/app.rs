@@ -148,6 +148,7 @@ impl Hive {
         let migrations = crate::migration::service::Migrations::new(writer.store().clone(), nodes.clone(), clock);
         let resumed = migrations.clone();
         tokio::spawn(async move { resumed.resume().await });
+        tokio::spawn(migrations.clone().heartbeats());
         Ok(Hive {
             inner: Arc::new(HiveInner {
                 supervisor: HiveHandle::new(actor, timeout),

@@ -38,7 +38,7 @@ fn view(e: &Endpoint, hive: &Hive) -> serde_json::Value {
     let r = e.redacted();
     json!({
         "id": r.id, "name": r.name, "type": r.kind, "params": r.params,
-        "state": r.effective_state(hive.now(), 60_000).name(), "last_seen": r.last_seen, "checked_by": r.checked_by,
+        "state": r.effective_state(hive.now(), crate::migration::service::STALE_AFTER_MS).name(), "last_seen": r.last_seen, "checked_by": r.checked_by,
     })
 }
 

@@ -37,6 +37,9 @@ const SCRATCH_STALE_MS: Millis = 30_000;
 /// reconnect within seconds after they or the hive restarted.
 const SCHEDULE_PATIENCE: Duration = Duration::from_secs(10);
 const SCHEDULE_RETRY: Duration = Duration::from_millis(500);
+/// How often endpoints are checked; they count as Down after `STALE_AFTER_MS` without a check.
+pub const HEARTBEAT: Duration = Duration::from_secs(20);
+pub const STALE_AFTER_MS: Millis = 60_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MigrationError {
@@ -192,6 +195,46 @@ impl Migrations {
             .collect();
         self.rows()?.replace_resources(id, discovered).await?;
         Ok(self.rows()?.resources(Some(id)).await?)
+    }
+
+    /// One round of endpoint heartbeats: each source is probed from a connected node (its
+    /// worker agent reaches it, or not); a `hive` destination is up when its node (or, without
+    /// one, any node) is connected. Run every `HEARTBEAT` by `heartbeats`.
+    pub async fn check_endpoints(&self) -> Result<(), MigrationError> {
+        let now = self.clock.now();
+        for mut e in self.rows()?.endpoints().await? {
+            let (ok, node) = match e.role {
+                Role::Source => {
+                    let Some(node) = self.any_worker() else { continue };
+                    let Ok(spec) = source_spec(&e) else { continue };
+                    (self.nodes.remote(node).agent_call(Command::ProbeSource { source: spec }).await.is_ok(), node)
+                }
+                Role::Destination => match destination_node(&e) {
+                    Ok(Some(node)) => (self.nodes.remote(node).connected(), node),
+                    Ok(None) => match self.any_worker() {
+                        Some(node) => (true, node),
+                        None => continue,
+                    },
+                    Err(_) => continue,
+                },
+            };
+            if e.heartbeat(ok, node, now) {
+                tracing::info!(endpoint = e.id, role = e.role.name(), name = %e.name, state = e.state.name(), "migration endpoint changed state");
+            }
+            self.rows()?.set_endpoint_health(&e).await?;
+        }
+        Ok(())
+    }
+
+    /// Endpoint heartbeats, for the hive's life.
+    pub async fn heartbeats(self) {
+        let mut tick = tokio::time::interval(HEARTBEAT);
+        loop {
+            tick.tick().await;
+            if let Err(e) = self.check_endpoints().await {
+                tracing::warn!(error = %e, "migration endpoint heartbeat failed");
+            }
+        }
     }
 
     pub async fn resources(&self, source: Option<u64>) -> Result<Vec<Resource>, MigrationError> {

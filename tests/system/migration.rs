@@ -248,3 +248,52 @@ async fn a_migration_cut_by_a_hive_restart_is_retried_on_another_node_and_comple
     assert!(out.status.success(), "the image equals the source: {}", String::from_utf8_lossy(&out.stdout));
     until("no scratch left", Duration::from_secs(30), || async { s.scratch_empty().then_some(()) }).await;
 }
+
+#[tokio::test]
+async fn endpoint_heartbeats_say_up_or_down_from_what_a_worker_reaches() {
+    use crate::support::{ADMIN, TestApp};
+    let app = TestApp::spawn().await;
+    let dir = tempfile::tempdir().unwrap();
+    let c = reqwest::Client::new();
+    let admin = |method: &str, path: &str, body: Option<Value>| {
+        let mut r = c.request(method.parse().unwrap(), format!("{}{path}", app.base)).bearer_auth(ADMIN);
+        if let Some(b) = body {
+            r = r.json(&b);
+        }
+        async move { r.send().await.expect("request").json::<Value>().await.expect("json") }
+    };
+    let token = admin("POST", "/api/v1/nodes/join-tokens", None).await["token"].as_str().unwrap().to_string();
+    let _agent = start_agent(&app.base, &token, &dir.path().join("agent"), "worker-1");
+    let exports = dir.path().join("exports");
+    std::fs::create_dir_all(&exports).unwrap();
+    let there =
+        admin("POST", "/api/v1/migration-sources", Some(json!({"name": "there", "type": "file", "params": {"dir": exports}}))).await;
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let gone = admin(
+        "POST",
+        "/api/v1/migration-sources",
+        Some(json!({"name": "gone", "type": "http", "params": {"base_url": format!("http://{closed}/"), "connect_timeout_ms": 500}})),
+    )
+    .await;
+    let nowhere =
+        admin("POST", "/api/v1/migration-destinations", Some(json!({"name": "nowhere", "type": "hive", "params": {"node": 99}}))).await;
+    assert_eq!(there["state"], "Unknown", "never checked yet");
+
+    let state = |list: &Value, id: &Value| list.as_array().unwrap().iter().find(|e| e["id"] == *id).unwrap()["state"].clone();
+    let sources = until("a worker checked the sources", Duration::from_secs(30), || async {
+        app.hive.migrations().check_endpoints().await.unwrap();
+        let l = admin("GET", "/api/v1/migration-sources", None).await;
+        (state(&l, &there["id"]) == "Up").then_some(l)
+    })
+    .await;
+    assert_eq!(state(&sources, &gone["id"]), "Down", "nothing answers at {closed}: {sources}");
+    let dests = admin("GET", "/api/v1/migration-destinations", None).await;
+    assert_eq!(state(&dests, &nowhere["id"]), "Down", "node 99 is not connected: {dests}");
+
+    // The export directory disappears: the next heartbeat says so.
+    std::fs::remove_dir_all(&exports).unwrap();
+    app.hive.migrations().check_endpoints().await.unwrap();
+    let sources = admin("GET", "/api/v1/migration-sources", None).await;
+    assert_eq!(state(&sources, &there["id"]), "Down", "{sources}");
+    app.stop().await;
+}
