@@ -98,8 +98,15 @@ impl Drop for Dnsmasq {
 
 const DNSMASQ: &str = "/usr/sbin/dnsmasq";
 
+/// A port free for UDP and TCP alike (dnsmasq listens on both); another test may still take
+/// it before dnsmasq binds it, which `start_dnsmasq_on_a_free_port` retries.
 fn free_udp_port() -> u16 {
-    UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    loop {
+        let port = UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 /// One A query to 127.0.0.1:`port`; `None` while nothing answers, else the A records.
@@ -170,6 +177,26 @@ fn start_dnsmasq(dir: &Path, cfg: &AddressConfig, port: u16) -> Dnsmasq {
     Dnsmasq(child)
 }
 
+/// dnsmasq on a free port, once it wrote its pid file. Tests in this binary open ports all the
+/// time, so the port may be taken between choosing it and dnsmasq binding it ("Address already
+/// in use", and dnsmasq exits): then again on another port, a few times.
+fn start_dnsmasq_on_a_free_port(dir: &Path, cfg: &AddressConfig) -> (u16, Dnsmasq) {
+    for _ in 0..5 {
+        let port = free_udp_port();
+        let mut dns = start_dnsmasq(dir, cfg, port);
+        let up = wait_for("dnsmasq to write its pid file or exit", || {
+            if dns.0.try_wait().ok().flatten().is_some() {
+                return Some(false);
+            }
+            std::fs::read_to_string(cfg.pid_file.as_ref().unwrap()).ok().filter(|s| !s.trim().is_empty()).map(|_| true)
+        });
+        if up {
+            return (port, dns);
+        }
+    }
+    panic!("dnsmasq exited at start five times (its message is above)")
+}
+
 #[test]
 fn real_dnsmasq_resolves_a_vm_after_reload_and_forgets_it_after_release() {
     let dir = tempfile::tempdir().unwrap();
@@ -180,11 +207,7 @@ fn real_dnsmasq_resolves_a_vm_after_reload_and_forgets_it_after_release() {
     let book = AddressBook::open(cfg.clone()).unwrap();
     // An address from before dnsmasq starts: it must be in the files dnsmasq reads at start.
     let early = book.allocate("pool-early").unwrap();
-    let port = free_udp_port();
-    let mut dns = start_dnsmasq(dir.path(), &cfg, port);
-    wait_for("dnsmasq to write its pid file", || {
-        std::fs::read_to_string(cfg.pid_file.as_ref().unwrap()).ok().filter(|s| !s.trim().is_empty())
-    });
+    let (port, mut dns) = start_dnsmasq_on_a_free_port(dir.path(), &cfg);
     assert_eq!(wait_for("dnsmasq to answer", || query_a(port, "pool-early")), vec![early.ip]);
     assert_eq!(query_a(port, "pool-vm1"), Some(vec![]), "not allocated yet");
 
