@@ -20,7 +20,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use tokio::sync::{Mutex, OwnedMutexGuard};
 
-pub use types::{ImageError, ImageView, Manifest, UploadSpec, UploadView, check_sha256, check_upload_id};
+pub use types::{ImageError, ImageView, Manifest, NAME_MAX_CHARS, UploadSpec, UploadView, check_sha256, check_upload_id};
 
 use crate::actors::Clock;
 use crate::config::ImagesConfig;

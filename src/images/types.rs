@@ -7,7 +7,8 @@ use serde::{Deserialize, Serialize};
 use crate::store::StoreError;
 use crate::store::images::{ImageRecord, Requirements, UploadRecord};
 
-const NAME_MAX_CHARS: usize = 80;
+/// Longest image name, in characters (a migration names its image, so it keeps to this too).
+pub const NAME_MAX_CHARS: usize = 80;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {

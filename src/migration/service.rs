@@ -244,8 +244,14 @@ impl Migrations {
     // ---- migrations
 
     pub async fn create(&self, new: NewMigration) -> Result<Migration, MigrationError> {
-        if new.name.trim().is_empty() || new.name.len() > 100 {
-            return Err(MigrationError::Invalid("name: 1 to 100 characters".into()));
+        // The migration names the image it makes, so it must be a valid image name.
+        let chars = new.name.chars().count();
+        if new.name.trim().is_empty() || chars > crate::images::NAME_MAX_CHARS {
+            let max = crate::images::NAME_MAX_CHARS;
+            return Err(MigrationError::Invalid(format!("name: 1 to {max} characters, not blank (got {chars})")));
+        }
+        if new.name.chars().any(char::is_control) {
+            return Err(MigrationError::Invalid("name: must not contain control characters".into()));
         }
         let rows = self.rows()?;
         let resource = rows

@@ -193,7 +193,16 @@ async fn a_corrupt_disk_ends_in_error_with_its_cause_and_a_cancel_stops_a_runnin
     assert!(why.contains("broken.vmdk"), "the cause names the disk: {why}");
     assert_eq!(m["attempts"].as_array().map(Vec::len), Some(1), "a bad source is not retried elsewhere: {m}");
 
-    // Bad input changes nothing.
+    // Bad input changes nothing: a name no image could take, an unknown resource.
+    let (status, e) = s
+        .call(
+            "POST",
+            "/api/v1/migrations",
+            Some(json!({"name": "n".repeat(81), "resource_id": id_of("broken.vmdk"), "destination_id": dst})),
+        )
+        .await;
+    assert_eq!(status, 400, "{e}");
+    assert!(e["error"]["message"].as_str().unwrap().contains("1 to 80 characters"), "{e}");
     let (status, e) = s.call("POST", "/api/v1/migrations", Some(json!({"name": "x", "resource_id": 999, "destination_id": dst}))).await;
     assert_eq!(status, 404, "{e}");
     assert!(e["error"]["message"].as_str().unwrap().contains("resource 999"), "{e}");
