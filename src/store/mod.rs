@@ -182,9 +182,17 @@ pub enum Change {
         pool: String,
         id: u64,
     },
+    /// Upsert a node's row. An existing row keeps its `admin` state: that is written only by
+    /// `NodeAdmin`, so a node-state write by one instance cannot undo a cordon made through
+    /// another (the record's `admin` is used when the row is first inserted).
     Node(NodeRecord),
     NodeDeleted {
         id: u64,
+    },
+    /// An admin's cordon, drain or activate of an existing node.
+    NodeAdmin {
+        id: u64,
+        admin: String,
     },
     /// Append a row to the rewards ledger.
     Served(ServedRecord),
@@ -248,6 +256,8 @@ impl Change {
             Change::HandleDeleted { pool, id } => (3, pool.as_str(), *id),
             Change::Node(n) => (4, "", n.id),
             Change::NodeDeleted { id } => (4, "", *id),
+            // Its own row key: it must not be merged away by a later upsert of the same node.
+            Change::NodeAdmin { id, .. } => (7, "", *id),
             Change::Served(r) => (5, r.pool.as_str(), r.handle),
             Change::Fence { pool, epoch } => (6, pool.as_str(), *epoch),
         })

@@ -30,7 +30,8 @@ pub(super) fn json<T: Serialize + ?Sized>(v: &T) -> Result<String, sqlx::Error> 
     serde_json::to_string(v).map_err(|e| sqlx::Error::Encode(Box::new(e)))
 }
 
-/// Pools first (the other rows refer to them), then deletes, then the other upserts.
+/// Pools first (the other rows refer to them), then deletes, then the other upserts, then the
+/// updates of rows an upsert may have inserted.
 pub(super) async fn run_plan(conn: &mut PgConnection, plan: &Plan<'_>) -> Result<(), sqlx::Error> {
     upsert_pools(conn, &plan.pools).await?;
     for d in &plan.deletes {
@@ -39,7 +40,11 @@ pub(super) async fn run_plan(conn: &mut PgConnection, plan: &Plan<'_>) -> Result
     upsert_vms(conn, &plan.vms).await?;
     upsert_batches(conn, &plan.batches).await?;
     upsert_handles(conn, &plan.handles).await?;
-    upsert_nodes(conn, &plan.nodes).await
+    upsert_nodes(conn, &plan.nodes).await?;
+    for u in &plan.updates {
+        apply_one(conn, u).await?;
+    }
+    Ok(())
 }
 
 pub(super) async fn apply_one(conn: &mut PgConnection, change: &Change) -> Result<(), sqlx::Error> {
@@ -60,6 +65,7 @@ pub(super) async fn apply_one(conn: &mut PgConnection, change: &Change) -> Resul
         Change::HandleDeleted { pool, id } => sqlx::query("DELETE FROM handles WHERE pool = $1 AND id = $2").bind(pool).bind(int(*id)),
         Change::Node(n) => return upsert_nodes(conn, &[n]).await,
         Change::NodeDeleted { id } => sqlx::query("DELETE FROM nodes WHERE id = $1").bind(int(*id)),
+        Change::NodeAdmin { id, admin } => sqlx::query("UPDATE nodes SET admin = $1 WHERE id = $2").bind(admin).bind(int(*id)),
         // Checked by `apply_once` before anything else.
         Change::Fence { .. } => return Ok(()),
         Change::Served(r) => {
@@ -210,7 +216,7 @@ async fn upsert_nodes(conn: &mut PgConnection, rows: &[&NodeRecord]) -> Result<(
             " ON CONFLICT (id) DO UPDATE SET name = excluded.name, driver = excluded.driver, cores = excluded.cores,
               ram_mb = excluded.ram_mb, disk_mb = excluded.disk_mb, address = excluded.address,
               state = excluded.state, created_at = excluded.created_at, remote = excluded.remote, class = excluded.class,
-              admin = excluded.admin, credential_hash = excluded.credential_hash",
+              credential_hash = excluded.credential_hash",
         );
         run(qb, conn).await?;
     }

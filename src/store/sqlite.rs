@@ -218,6 +218,7 @@ pub(super) async fn apply_one(conn: &mut SqliteConnection, change: &Change) -> R
         Change::HandleDeleted { pool, id } => sqlx::query("DELETE FROM handles WHERE pool = ? AND id = ?").bind(pool).bind(int(*id)),
         Change::Node(n) => return rows::upsert_nodes(conn, &[n]).await,
         Change::NodeDeleted { id } => sqlx::query("DELETE FROM nodes WHERE id = ?").bind(int(*id)),
+        Change::NodeAdmin { id, admin } => sqlx::query("UPDATE nodes SET admin = ? WHERE id = ?").bind(admin).bind(int(*id)),
         // Checked by `apply` before anything else.
         Change::Fence { .. } => return Ok(()),
         Change::Served(r) => {

@@ -34,6 +34,8 @@ pub(super) struct Plan<'a> {
     pub(super) handles: Vec<(&'a str, &'a Handle)>,
     pub(super) nodes: Vec<&'a NodeRecord>,
     pub(super) deletes: Vec<&'a Change>,
+    /// Single-row updates of rows the upserts may have just inserted (a node's admin state).
+    pub(super) updates: Vec<&'a Change>,
 }
 
 impl<'a> Plan<'a> {
@@ -52,6 +54,7 @@ impl<'a> Plan<'a> {
                 Change::Batch { pool, batch } => plan.batches.push((pool, batch)),
                 Change::Handle { pool, handle } => plan.handles.push((pool, handle)),
                 Change::Node(n) => plan.nodes.push(n),
+                Change::NodeAdmin { .. } => plan.updates.push(c),
                 Change::PoolDeleted { .. } => unreachable!("row() is None for it"),
                 // Checked by the store's `apply` before the plan runs.
                 Change::Fence { .. } => {}
@@ -65,7 +68,8 @@ impl<'a> Plan<'a> {
         Some(plan)
     }
 
-    /// Pools first (the other rows refer to them), then deletes, then the other upserts.
+    /// Pools first (the other rows refer to them), then deletes, then the other upserts, then
+    /// the updates of rows an upsert may have inserted.
     pub(super) async fn run(&self, conn: &mut SqliteConnection) -> Result<(), StoreError> {
         upsert_pools(conn, &self.pools).await?;
         for d in &self.deletes {
@@ -74,7 +78,11 @@ impl<'a> Plan<'a> {
         upsert_vms(conn, &self.vms).await?;
         upsert_batches(conn, &self.batches).await?;
         upsert_handles(conn, &self.handles).await?;
-        upsert_nodes(conn, &self.nodes).await
+        upsert_nodes(conn, &self.nodes).await?;
+        for u in &self.updates {
+            super::sqlite::apply_one(conn, u).await?;
+        }
+        Ok(())
     }
 }
 
@@ -211,7 +219,7 @@ pub(super) async fn upsert_nodes(conn: &mut SqliteConnection, rows: &[&NodeRecor
             " ON CONFLICT(id) DO UPDATE SET name = excluded.name, driver = excluded.driver, cores = excluded.cores,
               ram_mb = excluded.ram_mb, disk_mb = excluded.disk_mb, address = excluded.address,
               state = excluded.state, created_at = excluded.created_at, remote = excluded.remote, class = excluded.class,
-              admin = excluded.admin, credential_hash = excluded.credential_hash",
+              credential_hash = excluded.credential_hash",
         );
         run(qb, conn).await?;
     }

@@ -217,6 +217,36 @@ each_store! {
     }
 }
 
+each_store! {
+    #[tokio::test]
+    async fn a_node_row_write_keeps_the_admin_state_set_through_another_instance(s) {
+        let store = s.store.clone();
+        // A new row takes the record's admin state.
+        let mut born_cordoned = node(5);
+        born_cordoned.admin = "cordoned".into();
+        store.apply(&[Change::Node(node(4)), Change::Node(born_cordoned)]).await.expect("apply");
+        // Instance A cordons node 4; instance B, which has not seen it yet, writes the node's
+        // state with its stale "active": the cordon stays.
+        store.apply(&[Change::NodeAdmin { id: 4, admin: "cordoned".into() }]).await.expect("cordon");
+        let mut stale = node(4);
+        stale.state = "degraded".into();
+        store.apply(&[Change::Node(stale.clone())]).await.expect("state write");
+        let loaded = store.load_nodes().await.expect("load");
+        let four = loaded.iter().find(|n| n.id == 4).expect("node 4");
+        assert_eq!((four.admin.as_str(), four.state.as_str()), ("cordoned", "degraded"));
+        assert_eq!(loaded.iter().find(|n| n.id == 5).expect("node 5").admin, "cordoned");
+
+        // In one group the admin change lands after an upsert of the same node, whatever
+        // their order, and the writer's merge of repeated rows keeps both.
+        store.apply(&[Change::NodeAdmin { id: 4, admin: "draining".into() }, Change::Node(stale.clone()), Change::Node(node(1))]).await.expect("group");
+        let four = store.load_nodes().await.expect("load").into_iter().find(|n| n.id == 4).expect("node 4");
+        assert_eq!(four.admin, "draining");
+        // An admin change of a node that is gone changes nothing.
+        store.apply(&[Change::NodeAdmin { id: 99, admin: "cordoned".into() }]).await.expect("no row");
+        assert!(store.load_nodes().await.expect("load").iter().all(|n| n.id != 99));
+    }
+}
+
 #[tokio::test]
 async fn open_rejects_unknown_schemes_and_memory() {
     for url in ["mysql://x/y", "no-scheme-here", "sqlite::memory:", "sqlite://", "postgres://db:notaport/hive"] {

@@ -265,6 +265,7 @@ pub(super) fn set_admin(
     st: &mut RegistryState,
     node: NodeId,
     admin: AdminState,
+    record: bool,
     reply: RpcReplyPort<Result<NodeView, NodeError>>,
     now: Millis,
 ) {
@@ -274,13 +275,17 @@ pub(super) fn set_admin(
     };
     e.spec.admin = admin;
     e.health.admin = admin;
-    let record = e.spec.record(e.health.state(now));
     tracing::info!(node.id = node, admin = admin.name(), "node admin state");
     refresh(st, node, now);
     let view = st.nodes.get(&node).map(|e| e.view(now)).ok_or(NodeError::UnknownNode(node));
-    // The answer waits until the intent is durable.
+    if !record {
+        let _ = reply.send(view);
+        return;
+    }
+    // The answer waits until the intent is durable. Only the admin column is written: the rest
+    // of the row belongs to the node's own life, which other instances may be writing too.
     st.args.writer.submit(
-        vec![Change::Node(record)],
+        vec![Change::NodeAdmin { id: node, admin: admin.name().into() }],
         Box::new(move |r| {
             let _ = reply.send(r.map_err(|e| NodeError::Store(e.to_string())).and(view));
         }),

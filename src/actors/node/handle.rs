@@ -116,8 +116,14 @@ impl NodeRegistryHandle {
         self.slot.call(|r| RegistryMsg::Driver(node, r), self.timeout).await?
     }
 
+    /// An admin's cordon, drain or activate: applied and recorded; answered once durable.
     pub async fn set_admin(&self, node: NodeId, admin: AdminState) -> Result<NodeView, NodeError> {
-        self.slot.call(|reply| RegistryMsg::SetAdmin { node, admin, reply }, self.timeout).await?
+        self.slot.call(|reply| RegistryMsg::SetAdmin { node, admin, record: true, reply }, self.timeout).await?
+    }
+
+    /// Apply an admin state that another instance recorded, without writing it again.
+    pub async fn adopt_admin(&self, node: NodeId, admin: AdminState) -> Result<NodeView, NodeError> {
+        self.slot.call(|reply| RegistryMsg::SetAdmin { node, admin, record: false, reply }, self.timeout).await?
     }
 
     pub async fn remove(&self, node: NodeId, force: bool) -> Result<(), NodeError> {

@@ -222,6 +222,9 @@ pub enum RegistryMsg {
     SetAdmin {
         node: NodeId,
         admin: AdminState,
+        /// False when the state was read from the store (made through another instance): it is
+        /// applied here and not written back, so a stale read cannot undo a newer change.
+        record: bool,
         reply: RpcReplyPort<Result<NodeView, NodeError>>,
     },
     Remove {
@@ -404,7 +407,7 @@ impl Actor for NodeRegistry {
             RegistryMsg::Driver(node, reply) => {
                 let _ = reply.send(st.nodes.get(&node).map(|e| e.spec.driver.clone()).ok_or(NodeError::UnknownNode(node)));
             }
-            RegistryMsg::SetAdmin { node, admin, reply } => agents::set_admin(st, node, admin, reply, now),
+            RegistryMsg::SetAdmin { node, admin, record, reply } => agents::set_admin(st, node, admin, record, reply, now),
             RegistryMsg::Remove { node, force, reply } => agents::remove(st, node, force, reply, now),
             RegistryMsg::HighWater(id) => st.high_water = st.high_water.max(id),
             RegistryMsg::Uses(reply) => {

@@ -191,7 +191,7 @@ async fn sync_node_admin(st: &HiveState) {
         match crate::domain::node::AdminState::parse(&r.admin) {
             Some(admin) if admin != v.admin => {
                 tracing::info!(node.id = v.id, admin = admin.name(), "node admin state changed through another instance");
-                if let Err(e) = st.args.nodes.set_admin(v.id, admin).await {
+                if let Err(e) = st.args.nodes.adopt_admin(v.id, admin).await {
                     tracing::warn!(node.id = v.id, error = %e, "cannot apply the node's admin state");
                 }
             }
