@@ -78,6 +78,48 @@ pub struct VmStats {
     pub memory_kb: u64,
 }
 
+/// Where a disk handed from one node to another can be read by the node that takes it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum DiskRef {
+    /// A file on the host the driver runs on: between in-process drivers, or inside an agent.
+    File { path: std::path::PathBuf },
+    /// An image in the hive's registry, by content: between agents. `fresh` when the export
+    /// added it (the mover deletes it afterwards); false when the registry held it already.
+    Image { sha256: String, fresh: bool },
+}
+
+/// A stopped VM's disk as `Hypervisor::export` hands it out: an overlay on `template`, whose
+/// own disk has SHA-256 `template_sha256` (so the taking node can tell whether its template
+/// of that name is the same one).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExportedDisk {
+    pub disk: DiskRef,
+    pub template: String,
+    pub template_sha256: String,
+}
+
+/// A template's disk as `Hypervisor::export_template` hands it out, with its ready line.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExportedTemplate {
+    pub name: String,
+    pub disk: DiskRef,
+    pub ready: Option<String>,
+}
+
+/// The error `import` answers when the node lacks the disk's template.
+pub fn missing_template(name: &str) -> DriverError {
+    DriverError::NotFound(format!("template {name}"))
+}
+
+/// The template an `import` error says is missing, if that is what it says.
+pub fn is_missing_template(e: &DriverError) -> Option<&str> {
+    match e {
+        DriverError::NotFound(what) => what.strip_prefix("template "),
+        _ => None,
+    }
+}
+
 /// The metric label for a driver name an agent reported: one of a small fixed set.
 pub fn backend_label(driver: &str) -> &'static str {
     match driver {
@@ -123,5 +165,33 @@ pub trait Hypervisor: Send + Sync + 'static {
     async fn install_template(&self, name: &str, image: &std::path::Path, ready: Option<&str>) -> Result<(), DriverError> {
         let _ = (name, image, ready);
         Err(DriverError::Unsupported("installing templates".into()))
+    }
+    /// Cold move, the giving side: stop the domain and hand out its disk. The domain stays
+    /// defined (and its disk in place) until `destroy`, so a move that fails can start it again.
+    async fn export(&self, domain: &str) -> Result<ExportedDisk, DriverError> {
+        let _ = domain;
+        Err(DriverError::Unsupported("moving VMs to another node".into()))
+    }
+    /// Cold move, the taking side: define domain `spec.name` from an exported disk, with the
+    /// disk put back to its `clean` snapshot and every internal snapshot removed; not started.
+    /// `NotFound("template <name>")` when this node lacks the template (the mover then ships
+    /// it with `export_template` + `install_exported_template` and tries again); `Failed`
+    /// when this node's template of that name has another digest.
+    async fn import(&self, spec: &VmSpec, disk: &ExportedDisk) -> Result<String, DriverError> {
+        let _ = (spec, disk);
+        Err(DriverError::Unsupported("moving VMs to another node".into()))
+    }
+    /// A template's disk, for a node that lacks it. `Unsupported` for a template its disk alone
+    /// cannot rebuild on the other node (libvirt: one that boots a kernel directly, or a raw disk).
+    async fn export_template(&self, name: &str) -> Result<ExportedTemplate, DriverError> {
+        let _ = name;
+        Err(DriverError::Unsupported("exporting templates".into()))
+    }
+    /// Install a template another node exported.
+    async fn install_exported_template(&self, template: &ExportedTemplate) -> Result<(), DriverError> {
+        match &template.disk {
+            DiskRef::File { path } => self.install_template(&template.name, path, template.ready.as_deref()).await,
+            DiskRef::Image { .. } => Err(DriverError::Unsupported("templates from the hive's registry".into())),
+        }
     }
 }

@@ -15,7 +15,9 @@ use parking_lot::Mutex;
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 
-use super::{Console, DriverError, ExecOutput, GuestStatus, Hypervisor, PrepareSpec, VmSpec, VmStats};
+use super::{
+    Console, DiskRef, DriverError, ExecOutput, ExportedDisk, ExportedTemplate, GuestStatus, Hypervisor, PrepareSpec, VmSpec, VmStats,
+};
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -49,6 +51,9 @@ struct SimVm {
     ip: String,
     vnc_port: u16,
     password: String,
+    /// The template it was created from (empty in state files from before moves).
+    #[serde(default)]
+    template: String,
     /// Boot finishes (the guest answers pings) this many ms after the sim's epoch.
     #[serde(skip)]
     up_at: Option<tokio::time::Instant>,
@@ -70,6 +75,25 @@ pub struct SimHypervisor {
 impl SimHypervisor {
     /// A simulated host named `node`. With `state_file`, the table is loaded from it (VMs that
     /// were running are up at once) and rewritten after every change.
+    /// Where exports' stand-in files go: beside the state file, else in the temp directory.
+    fn exports_dir(&self) -> PathBuf {
+        match self.state_file.as_ref().and_then(|p| p.parent()) {
+            Some(dir) => dir.join("sim-exports"),
+            None => std::env::temp_dir().join(format!("guaca-hive-sim-exports-{}", std::process::id())),
+        }
+    }
+
+    /// A simulated disk: a small JSON file naming the node, the domain and its template.
+    fn stand_in(&self, name: &str, template: &str) -> Result<PathBuf, DriverError> {
+        let dir = self.exports_dir().join(&self.node);
+        let path = dir.join(format!("{name}.json"));
+        let body = serde_json::json!({"simulated": true, "node": self.node, "domain": name, "template": template});
+        std::fs::create_dir_all(&dir)
+            .and_then(|()| std::fs::write(&path, body.to_string()))
+            .map_err(|e| DriverError::Failed(format!("writing the simulated disk {}: {e}", path.display())))?;
+        Ok(path)
+    }
+
     pub fn new(node: &str, net: u8, timings: SimTimings, state_file: Option<PathBuf>) -> SimHypervisor {
         let mut vms: BTreeMap<String, SimVm> =
             state_file.as_ref().and_then(|p| std::fs::read(p).ok()).and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
@@ -128,6 +152,14 @@ impl SimHypervisor {
         Ok(())
     }
 
+    /// The stand-in for a template disk's SHA-256: a simulator has no disks, so it is derived
+    /// from the template's name alone, the same on every simulated node (every simulated node
+    /// "has" every template, and they are all the same).
+    pub fn template_sha256(template: &str) -> String {
+        use sha2::{Digest, Sha256};
+        hex::encode(Sha256::digest(format!("simulated template {template}").as_bytes()))
+    }
+
     fn with_vm<T>(&self, domain: &str, f: impl FnOnce(&mut SimVm) -> Result<T, DriverError>) -> Result<T, DriverError> {
         let mut vms = self.vms.lock();
         let vm = vms.get_mut(domain).ok_or_else(|| DriverError::NotFound(domain.to_string()))?;
@@ -178,6 +210,7 @@ impl Hypervisor for SimHypervisor {
             ip: format!("10.{}.{}.{}", self.net, (n / 250) % 250, n % 250 + 2),
             vnc_port: 5900 + (n % 1000) as u16,
             password,
+            template: spec.template.clone(),
             up_at: None,
         };
         self.vms.lock().insert(name.clone(), vm);
@@ -260,6 +293,7 @@ impl Hypervisor for SimHypervisor {
     }
 
     async fn destroy(&self, domain: &str) -> Result<(), DriverError> {
+        let _ = std::fs::remove_file(self.exports_dir().join(&self.node).join(format!("{domain}.json")));
         let removed = self.vms.lock().remove(domain).is_some();
         self.failing_pings.lock().remove(domain);
         if removed {
@@ -302,6 +336,46 @@ impl Hypervisor for SimHypervisor {
     async fn list(&self) -> Result<Vec<String>, DriverError> {
         Ok(self.domains())
     }
+
+    /// Stops the domain and hands out a small stand-in file that describes it (a simulator has
+    /// no disks), so an agent has real bytes to send through the hive. The domain stays until
+    /// `destroy`, as on a real host.
+    async fn export(&self, domain: &str) -> Result<ExportedDisk, DriverError> {
+        let template = self.with_vm(domain, |vm| {
+            vm.running = false;
+            vm.paused = false;
+            vm.up_at = None;
+            Ok(vm.template.clone())
+        })?;
+        self.save().await;
+        let path = self.stand_in(domain, &template)?;
+        let template_sha256 = Self::template_sha256(&template);
+        Ok(ExportedDisk { disk: DiskRef::File { path }, template, template_sha256 })
+    }
+
+    /// A new stopped domain with no snapshots, made as `create` makes one (its timing and
+    /// failure rate included) and named as `create` names one. Any disk reference will do, as
+    /// nothing is read; a digest other than the simulated template's is refused, as a real
+    /// node refuses a template that differs.
+    async fn import(&self, spec: &VmSpec, disk: &ExportedDisk) -> Result<String, DriverError> {
+        if disk.template_sha256 != Self::template_sha256(&disk.template) {
+            return Err(DriverError::Failed(format!("template {} on this node differs from the source's", disk.template)));
+        }
+        self.create(&VmSpec { template: disk.template.clone(), ..spec.clone() }).await
+    }
+
+    async fn export_template(&self, name: &str) -> Result<ExportedTemplate, DriverError> {
+        Ok(ExportedTemplate {
+            name: name.to_string(),
+            disk: DiskRef::File { path: self.stand_in(&format!("template-{name}"), name)? },
+            ready: None,
+        })
+    }
+
+    /// Every simulated node has every template already: nothing to install.
+    async fn install_exported_template(&self, _template: &ExportedTemplate) -> Result<(), DriverError> {
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -338,6 +412,50 @@ mod tests {
         sim.set_timings(SimTimings { failure_rate: 1.0, ..SimTimings::instant() });
         assert!(sim.create(&spec()).await.is_err());
         assert!(sim.prepare(&d, &PrepareSpec { home_page: "x".into(), profile_name: "p".into() }).await.is_err());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_vm_moves_between_simulated_nodes() {
+        let (a, b) = (SimHypervisor::new("a", 1, SimTimings::instant(), None), SimHypervisor::new("b", 2, SimTimings::instant(), None));
+        let d = a.create(&spec()).await.unwrap();
+        a.start(&d).await.unwrap();
+        a.snapshot(&d, "clean").await.unwrap();
+        assert!(a.ping(&d).await.is_ok());
+
+        let disk = a.export(&d).await.unwrap();
+        assert!(matches!(a.ping(&d).await, Err(DriverError::Failed(_))), "export stops the domain");
+        assert!(a.domains().contains(&d), "and keeps it until destroy");
+        assert_eq!(disk.template, "base");
+        assert_eq!(disk.template_sha256, SimHypervisor::template_sha256("base"));
+        assert_ne!(disk.template_sha256, SimHypervisor::template_sha256("other"));
+        let DiskRef::File { path } = &disk.disk else { panic!("a file: {disk:?}") };
+        assert!(std::fs::read_to_string(path).unwrap().contains(&d), "a stand-in file naming the domain");
+        let stand_in = path.clone();
+
+        let moved = b.import(&VmSpec { name: "m".into(), ..spec() }, &disk).await.unwrap();
+        assert!(moved.starts_with("m~sim-b-"), "{moved}");
+        assert_eq!(b.domains(), vec![moved.clone()]);
+        assert!(matches!(b.ping(&moved).await, Err(DriverError::Failed(_))), "imported stopped");
+        assert!(matches!(b.revert(&moved, "clean").await, Err(DriverError::Failed(_))), "without snapshots");
+        b.start(&moved).await.unwrap();
+        assert!(b.ping(&moved).await.is_ok());
+        a.destroy(&d).await.unwrap();
+        assert!(!stand_in.exists(), "destroy removes the stand-in file");
+        assert!(b.ping(&moved).await.is_ok());
+        let again = b.export(&moved).await.unwrap();
+        assert_eq!(again.template, "base", "the template travels on");
+
+        let forged = ExportedDisk { template_sha256: SimHypervisor::template_sha256("other"), ..disk.clone() };
+        let err = b.import(&VmSpec { name: "f".into(), ..spec() }, &forged).await.unwrap_err();
+        assert!(matches!(&err, DriverError::Failed(m) if m.contains("differs")), "{err:?}");
+        assert_eq!(b.domains().len(), 1, "nothing made");
+
+        let tpl = a.export_template("base").await.unwrap();
+        assert_eq!(tpl.name, "base");
+        b.install_exported_template(&tpl).await.unwrap();
+        b.set_timings(SimTimings { failure_rate: 1.0, ..SimTimings::instant() });
+        assert!(b.import(&VmSpec { name: "g".into(), ..spec() }, &disk).await.is_err(), "import fails as create does");
+        assert!(matches!(a.export("nope").await, Err(DriverError::NotFound(_))));
     }
 
     #[tokio::test]

@@ -10,7 +10,12 @@
 //! Every libvirt and qemu-img call runs in `spawn_blocking`. libvirt errors become
 //! `DriverError::NotFound` for a missing domain or snapshot, `Failed` with libvirt's message
 //! otherwise. Fixed addresses (dnsmasq) and the guest command channel are optional.
+//!
+//! Cold moves between nodes (`export`, `import`, `export_template`) are in `moves`. `list`
+//! answers only the domains whose overlay is in this driver's `vm_dir`, so agents sharing one
+//! libvirtd never see each other's VMs.
 
+mod moves;
 mod ops;
 
 use std::path::PathBuf;
@@ -22,7 +27,7 @@ use serde::{Deserialize, Serialize};
 
 use super::addresses::{AddressBook, AddressConfig, AddressError};
 use super::domain_xml::{DomainType, NetworkMode};
-use super::{Console, DriverError, ExecOutput, GuestStatus, Hypervisor, PrepareSpec, VmSpec, VmStats};
+use super::{Console, DriverError, ExecOutput, ExportedDisk, ExportedTemplate, GuestStatus, Hypervisor, PrepareSpec, VmSpec, VmStats};
 use crate::guest::{CommandChannel, GuestError};
 
 #[derive(Debug, thiserror::Error)]
@@ -281,10 +286,31 @@ impl Hypervisor for LibvirtHypervisor {
         .await
     }
 
+    /// Only the domains whose overlay is in this driver's `vm_dir`: two agents may share one
+    /// libvirtd, and neither may report (so have the hive reconcile away) the other's.
     async fn list(&self) -> Result<Vec<String>, DriverError> {
         self.blocking(ops::list).await
     }
+
+    async fn export(&self, domain: &str) -> Result<ExportedDisk, DriverError> {
+        let name = domain.to_string();
+        self.blocking(move |s| moves::export(s, &name)).await
+    }
+
+    async fn import(&self, spec: &VmSpec, disk: &ExportedDisk) -> Result<String, DriverError> {
+        let (spec, disk) = (spec.clone(), disk.clone());
+        self.blocking(move |s| moves::import(s, &spec, &disk)).await
+    }
+
+    /// Refuses (`Unsupported`) templates that boot a kernel directly and raw ones: only a
+    /// qcow2 disk that boots by itself can be rebuilt from what travels.
+    async fn export_template(&self, name: &str) -> Result<ExportedTemplate, DriverError> {
+        let name = name.to_string();
+        self.blocking(move |s| moves::export_template(s, &name)).await
+    }
 }
 
+#[cfg(test)]
+mod move_tests;
 #[cfg(test)]
 mod tests;

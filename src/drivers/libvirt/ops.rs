@@ -20,7 +20,7 @@ pub(super) fn connect(uri: &str) -> Result<Connect, String> {
 }
 
 /// A reference on the shared connection, given back when dropped (`Connect` has no `Drop`).
-struct Conn(Connect);
+pub(super) struct Conn(Connect);
 
 impl std::ops::Deref for Conn {
     type Target = Connect;
@@ -36,7 +36,7 @@ impl Drop for Conn {
 }
 
 /// The shared connection, reopened first if libvirtd went away since the last call.
-fn conn(s: &Shared) -> Result<Conn, DriverError> {
+pub(super) fn conn(s: &Shared) -> Result<Conn, DriverError> {
     let mut guard = s.conn.lock();
     if !guard.is_alive().unwrap_or(false) {
         tracing::warn!(uri = %s.cfg.uri, "libvirt connection lost; reconnecting");
@@ -46,7 +46,7 @@ fn conn(s: &Shared) -> Result<Conn, DriverError> {
     Ok(Conn(guard.clone()))
 }
 
-fn failed(e: VirtError) -> DriverError {
+pub(super) fn failed(e: VirtError) -> DriverError {
     DriverError::Failed(e.message().to_string())
 }
 
@@ -59,7 +59,7 @@ fn map_err(e: VirtError, what: &str) -> DriverError {
 }
 
 /// VM names become file names in `vm_dir`: one plain path component only.
-fn check_name(name: &str) -> Result<(), DriverError> {
+pub(super) fn check_name(name: &str) -> Result<(), DriverError> {
     if name.is_empty() || name.starts_with('.') || name.contains(['/', '\0']) {
         return Err(DriverError::Failed(format!("bad VM name {name:?}")));
     }
@@ -75,7 +75,7 @@ fn is_hive(dom: &Domain) -> Result<bool, VirtError> {
 }
 
 /// One of the hive's domains by name; anyone else's is NotFound.
-fn lookup(conn: &Connect, name: &str) -> Result<Domain, DriverError> {
+pub(super) fn lookup(conn: &Connect, name: &str) -> Result<Domain, DriverError> {
     check_name(name)?;
     let dom = Domain::lookup_by_name(conn, name).map_err(|e| map_err(e, name))?;
     if !is_hive(&dom).map_err(|e| map_err(e, name))? {
@@ -103,7 +103,7 @@ pub(super) fn with_snapshot<T>(
     f(&snap).map_err(|e| map_err(e, &what))
 }
 
-fn overlay_path(s: &Shared, name: &str) -> PathBuf {
+pub(super) fn overlay_path(s: &Shared, name: &str) -> PathBuf {
     s.cfg.vm_dir.join(format!("{name}.qcow2"))
 }
 
@@ -142,33 +142,51 @@ pub(super) fn create(s: &Shared, spec: &VmSpec) -> Result<String, DriverError> {
     check_name(&spec.name)?;
     let tpl = TemplateFiles::locate(&s.cfg.templates_dir, &spec.template).map_err(|e| DriverError::Failed(e.to_string()))?;
     let conn = conn(s)?;
-    match Domain::lookup_by_name(&conn, &spec.name) {
-        Ok(_) => return Err(DriverError::Failed(format!("domain {} already exists", spec.name))),
-        Err(e) if e.code() == ErrorNumber::NoDomain => {}
-        Err(e) => return Err(failed(e)),
-    }
+    refuse_existing(&conn, &spec.name)?;
     let overlay = overlay_path(s, &spec.name);
     let started = std::time::Instant::now();
     qemu_img_overlay(s, &tpl, &overlay)?;
-    let defined = define(s, &conn, spec, &tpl, &overlay).and_then(|()| match &tpl.ready {
+    define_or_clean_up(s, &conn, spec, &tpl, &overlay)?;
+    tracing::info!(vm = %spec.name, template = %spec.template, duration_ms = started.elapsed().as_millis() as u64, "linked clone defined");
+    Ok(spec.name.clone())
+}
+
+/// Libvirt's domain names are the host's: a name any domain holds (ours, another agent's,
+/// anyone's) is refused.
+pub(super) fn refuse_existing(conn: &Connect, name: &str) -> Result<(), DriverError> {
+    match Domain::lookup_by_name(conn, name) {
+        Ok(_) => Err(DriverError::Failed(format!("domain {name} already exists"))),
+        Err(e) if e.code() == ErrorNumber::NoDomain => Ok(()),
+        Err(e) => Err(failed(e)),
+    }
+}
+
+/// Define the domain on `overlay` (already in place) and write its ready line. On failure
+/// nothing outlives it: not the overlay, not the definition, not the address.
+pub(super) fn define_or_clean_up(
+    s: &Shared,
+    conn: &Connect,
+    spec: &VmSpec,
+    tpl: &TemplateFiles,
+    overlay: &Path,
+) -> Result<(), DriverError> {
+    let defined = define(s, conn, spec, tpl, overlay).and_then(|()| match &tpl.ready {
         Some(line) => {
             std::fs::write(ready_path(s, &spec.name), line).map_err(|e| DriverError::Failed(format!("writing the ready line: {e}")))
         }
         None => Ok(()),
     });
     if defined.is_err() {
-        // Nothing may outlive a failed create: not the overlay, not the address.
-        let _ = std::fs::remove_file(&overlay);
-        if let Ok(dom) = Domain::lookup_by_name(&conn, &spec.name) {
+        let _ = std::fs::remove_file(overlay);
+        let _ = std::fs::remove_file(ready_path(s, &spec.name));
+        if let Ok(dom) = Domain::lookup_by_name(conn, &spec.name) {
             let _ = dom.undefine();
         }
         if let Some(book) = &s.addresses {
             let _ = book.release(&spec.name);
         }
     }
-    defined?;
-    tracing::info!(vm = %spec.name, template = %spec.template, duration_ms = started.elapsed().as_millis() as u64, "linked clone defined");
-    Ok(spec.name.clone())
+    defined
 }
 
 /// VNC displays get the first fixed port from here on that no domain's definition holds and
@@ -299,7 +317,14 @@ pub(super) fn list(s: &Shared) -> Result<Vec<String>, DriverError> {
     let mut names = Vec::new();
     for dom in conn.list_all_domains(0).map_err(failed)? {
         match is_hive(&dom) {
-            Ok(true) => names.push(dom.get_name().map_err(failed)?),
+            // Only the domains on an overlay in our vm_dir: another agent on the same libvirtd
+            // keeps its own, and nothing here may report (so the hive reconcile) those.
+            Ok(true) => {
+                let name = dom.get_name().map_err(failed)?;
+                if check_name(&name).is_ok() && overlay_path(s, &name).exists() {
+                    names.push(name);
+                }
+            }
             Ok(false) => {}
             // Undefined while we looked: not there any more.
             Err(e) if e.code() == ErrorNumber::NoDomain => {}

@@ -101,6 +101,22 @@ async fn create_makes_a_marked_domain_on_a_linked_clone() {
 }
 
 #[tokio::test]
+async fn list_answers_only_the_domains_on_an_overlay_in_its_own_vm_dir() {
+    // Two drivers on one libvirt (test:///default is shared by this test binary), as two
+    // agents may share a libvirtd.
+    let (one, two) = (Env::new(), Env::new());
+    let (hv1, hv2) = (one.open(), two.open());
+    let name = unique("mine");
+    hv1.create(&spec(&name)).await.unwrap();
+    assert!(hv1.list().await.unwrap().contains(&name));
+    assert!(!hv2.list().await.unwrap().contains(&name), "the other driver's domain is not listed");
+    std::fs::rename(one.overlay(&name), one.dir.path().join("aside.qcow2")).unwrap();
+    assert!(!hv1.list().await.unwrap().contains(&name), "no overlay in vm_dir, not listed");
+    std::fs::rename(one.dir.path().join("aside.qcow2"), one.overlay(&name)).unwrap();
+    hv1.destroy(&name).await.unwrap();
+}
+
+#[tokio::test]
 async fn start_stop_suspend_resume_and_ping_follow_the_domain_state() {
     let env = Env::new();
     let hv = env.open();
