@@ -171,20 +171,37 @@ impl AgentImages {
     }
 
     pub async fn fetch(&self, sha256: &str, peers: Vec<Peer>) -> Result<Fetched, DriverError> {
+        self.fetch_from(&self.hive.clone(), sha256, peers).await
+    }
+
+    /// `fetch` from hive instance `origin` (base URL) instead of the primary: for an image
+    /// that instance was just given (an exported template), which another instance may lack.
+    pub async fn fetch_from(&self, origin: &str, sha256: &str, peers: Vec<Peer>) -> Result<Fetched, DriverError> {
+        let fetched = self.fetch_into(origin, sha256, peers, &self.dir.join(sha256)).await?;
+        self.stock.replenish(sha256);
+        Ok(fetched)
+    }
+
+    /// Fetch image `sha256` from hive instance `origin` into `target`, verified, without making
+    /// it an image the node holds (not in `held`, no stock): for a file used once (a moved
+    /// VM's disk), which the caller removes. The pieces pass through the node's cache as usual.
+    pub async fn fetch_to(&self, origin: &str, sha256: &str, target: &std::path::Path) -> Result<Fetched, DriverError> {
+        self.fetch_into(origin, sha256, Vec::new(), target).await
+    }
+
+    async fn fetch_into(&self, origin: &str, sha256: &str, peers: Vec<Peer>, target: &std::path::Path) -> Result<Fetched, DriverError> {
         if sha256.len() != 64 || !sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(DriverError::Failed(format!("{sha256:?} is not a SHA-256")));
         }
-        let origin = HttpSource::origin(&self.hive, Some(self.credential.clone()), self.client.clone());
+        let origin = HttpSource::origin(origin.trim_end_matches('/'), Some(self.credential.clone()), self.client.clone());
         let manifest = origin.manifest(sha256).await.map_err(|e| DriverError::Failed(e.to_string()))?;
         let peers: Vec<Arc<dyn PieceSource>> = peers
             .into_iter()
             .map(|p| Arc::new(HttpSource::peer(p.node.to_string(), p.url, self.client.clone())) as Arc<dyn PieceSource>)
             .collect();
-        let target = self.dir.join(sha256);
         let cfg = FetchConfig { node_id: self.node_id.lock().clone(), ..FetchConfig::default() };
         let fetcher = Fetcher::new(self.cache.clone(), self.catalog.clone(), self.down.clone(), cfg);
-        let r = fetcher.fetch(manifest, Arc::new(origin), peers, &target).await.map_err(|e| DriverError::Failed(e.to_string()))?;
-        self.stock.replenish(sha256);
+        let r = fetcher.fetch(manifest, Arc::new(origin), peers, target).await.map_err(|e| DriverError::Failed(e.to_string()))?;
         Ok(Fetched {
             sha256: r.image,
             size: r.size,

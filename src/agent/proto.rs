@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::drivers::{Console, DriverError, ExecOutput, GuestStatus, PrepareSpec, VmSpec, VmStats};
+use crate::drivers::{Console, DriverError, ExecOutput, ExportedDisk, ExportedTemplate, GuestStatus, PrepareSpec, VmSpec, VmStats};
 
 /// Version of this protocol; the hive refuses a `Hello` with a different major version.
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -262,6 +262,28 @@ pub enum Command {
         #[serde(default)]
         ready: Option<String>,
     },
+    /// Cold move, the giving side: `Hypervisor::export` on the node, whose disk the agent then
+    /// uploads to the hive instance that sent this (`PUT /api/v1/agent/exports/move-<domain>`,
+    /// node credential). `Exported`, its disk a `DiskRef::Image`.
+    Export {
+        domain: String,
+    },
+    /// Cold move, the taking side: `Hypervisor::import`; a `DiskRef::Image` disk is fetched from
+    /// the hive instance that sent this and verified first. `Domain`.
+    Import {
+        spec: VmSpec,
+        disk: ExportedDisk,
+    },
+    /// `Hypervisor::export_template`, uploaded like `Export` (as `template-<name>`).
+    /// `ExportedTemplate`, its disk a `DiskRef::Image`.
+    ExportTemplate {
+        name: String,
+    },
+    /// `Hypervisor::install_exported_template`; an `Image` disk is fetched and verified first
+    /// (and kept as an image the node holds). `Done`.
+    InstallExportedTemplate {
+        template: ExportedTemplate,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -284,6 +306,10 @@ pub enum CmdOk {
         cancelled: bool,
     },
     Resources(Vec<crate::migration::fetch::DiscoveredResource>),
+    /// What `Export` handed out.
+    Exported(ExportedDisk),
+    /// What `ExportTemplate` handed out.
+    ExportedTemplate(ExportedTemplate),
 }
 
 #[cfg(test)]
@@ -326,6 +352,42 @@ mod tests {
         let old = r#"{"type":"hello","version":1,"name":"n","offer":{"cores":1,"ram_mb":1,"disk_mb":1},"driver":"sim",
                       "addresses":[],"domains":[]}"#;
         assert!(matches!(serde_json::from_str::<AgentMsg>(old).unwrap(), AgentMsg::Hello(Hello { behind_nat: false, .. })));
+    }
+
+    #[test]
+    fn move_commands_and_answers_round_trip_in_the_usual_shapes() {
+        use crate::drivers::{DiskRef, ExportedDisk, ExportedTemplate};
+        let disk = ExportedDisk {
+            disk: DiskRef::Image { sha256: "ab".repeat(32), fresh: true },
+            template: "base".into(),
+            template_sha256: "cd".repeat(32),
+        };
+        let spec = VmSpec { name: "vm".into(), template: "base".into(), cores: 1, ram_mb: 512, disk_mb: 1024 };
+        let cmd = HiveMsg::Command { id: 4, cmd: Command::Import { spec, disk: disk.clone() } };
+        let v = serde_json::to_value(&cmd).unwrap();
+        assert_eq!(v["cmd"]["op"], "import", "{v}");
+        assert_eq!(v["cmd"]["disk"]["disk"], serde_json::json!({"kind": "image", "sha256": "ab".repeat(32), "fresh": true}), "{v}");
+        assert_eq!(serde_json::from_value::<HiveMsg>(v).unwrap(), cmd);
+        let template = ExportedTemplate { name: "base".into(), disk: DiskRef::File { path: "/t.qcow2".into() }, ready: None };
+        for cmd in [
+            Command::Export { domain: "d".into() },
+            Command::ExportTemplate { name: "base".into() },
+            Command::InstallExportedTemplate { template: template.clone() },
+        ] {
+            let s = serde_json::to_string(&cmd).unwrap();
+            assert_eq!(serde_json::from_str::<Command>(&s).unwrap(), cmd, "{s}");
+        }
+        let ok = AgentMsg::Reply { id: 4, result: Ok(CmdOk::Exported(disk)) };
+        let v = serde_json::to_value(&ok).unwrap();
+        assert_eq!(v["result"]["Ok"]["kind"], "exported", "{v}");
+        assert_eq!(serde_json::from_value::<AgentMsg>(v).unwrap(), ok);
+        let ok = AgentMsg::Reply { id: 5, result: Ok(CmdOk::ExportedTemplate(template)) };
+        assert_eq!(serde_json::from_str::<AgentMsg>(&serde_json::to_string(&ok).unwrap()).unwrap(), ok);
+        // The mover reads a missing template from the error, which keeps its kind.
+        let err = AgentMsg::Reply { id: 6, result: Err(crate::drivers::missing_template("base")) };
+        let back = serde_json::from_str::<AgentMsg>(&serde_json::to_string(&err).unwrap()).unwrap();
+        let AgentMsg::Reply { result: Err(e), .. } = back else { panic!("not an error reply: {back:?}") };
+        assert_eq!(crate::drivers::is_missing_template(&e), Some("base"));
     }
 
     #[test]

@@ -143,6 +143,7 @@ pub async fn run(cfg: AgentConfig, hv: Arc<dyn Hypervisor>) -> Result<(), AgentE
     let images = AgentImages::open(&cfg.data_dir, &cfg.hive, &credential, cfg.caps, cfg.stock)
         .await
         .map_err(|e| AgentError::Config(e.to_string()))?;
+    let moves = super::moves::open_scratch(&cfg.data_dir)?;
     let listener = tokio::net::TcpListener::bind(cfg.peer_listen).await?;
     let port = listener.local_addr()?.port();
     let host_name = cfg.addresses.first().cloned().unwrap_or_else(|| "127.0.0.1".into());
@@ -167,6 +168,7 @@ pub async fn run(cfg: AgentConfig, hv: Arc<dyn Hypervisor>) -> Result<(), AgentE
             hv: hv.clone(),
             images: images.clone(),
             peer_url: peer_url.clone(),
+            moves: moves.clone(),
         };
         loops.spawn(keep_connected(link));
     }
@@ -185,6 +187,8 @@ struct Link {
     hv: Arc<dyn Hypervisor>,
     images: AgentImages,
     peer_url: String,
+    /// `data_dir/moves` (see `moves::open_scratch`).
+    moves: std::path::PathBuf,
 }
 
 /// Keep one instance connected, with its own backoff; answers only why it was refused.
@@ -192,7 +196,7 @@ async fn keep_connected(l: Link) -> AgentError {
     let mut host = HostSampler::new(&l.cfg.data_dir);
     let mut backoff = Duration::from_millis(100);
     loop {
-        match connect_once(&l.cfg, &l.hive, &l.credential, l.hv.clone(), &mut host, &l.images, &l.peer_url).await {
+        match connect_once(&l, &mut host).await {
             Ok(Ended::AfterWelcome) => {
                 backoff = Duration::from_millis(100);
                 tracing::warn!(hive = %l.hive, "connection to the hive lost; reconnecting");
@@ -212,15 +216,9 @@ async fn keep_connected(l: Link) -> AgentError {
     }
 }
 
-async fn connect_once(
-    cfg: &AgentConfig,
-    hive: &str,
-    credential: &str,
-    hv: Arc<dyn Hypervisor>,
-    host: &mut HostSampler,
-    images: &AgentImages,
-    peer_url: &str,
-) -> Result<Ended, AgentError> {
+async fn connect_once(l: &Link, host: &mut HostSampler) -> Result<Ended, AgentError> {
+    let (cfg, hive, credential, hv, images, peer_url) =
+        (&*l.cfg, l.hive.as_str(), l.credential.as_str(), l.hv.clone(), &l.images, &l.peer_url);
     let url = format!("{}{AGENT_WS_PATH}", hive.trim_end_matches('/').replacen("http", "ws", 1));
     let mut req = url.into_client_request().map_err(|e| AgentError::Config(format!("hive URL: {e}")))?;
     let auth = format!("Bearer {credential}").parse().map_err(|_| AgentError::Config("credential is not a valid header value".into()))?;
@@ -269,6 +267,15 @@ async fn connect_once(
     // Likewise cancels the migration jobs it started (the hive retries them elsewhere).
     let jobs = super::migrate::Jobs::default();
     let scratch_root = cfg.data_dir.join("migrations");
+    // Likewise stops the network part of the moves it carried (their answers would be lost).
+    let moves = super::moves::MoveContext {
+        hive: hive.to_string(),
+        credential: credential.to_string().into(),
+        images: images.clone(),
+        scratch: l.moves.clone(),
+        cancel: tokio_util::sync::CancellationToken::new(),
+    };
+    let _stop_moves = moves.cancel.clone().drop_guard();
     loop {
         tokio::select! {
             _ = beat.tick() => {
@@ -333,6 +340,16 @@ async fn connect_once(
                     let out = out_tx.clone();
                     tokio::spawn(async move {
                         let _ = out.send(AgentMsg::Reply { id, result: super::migrate::probe(&source).await });
+                    });
+                }
+                Some(HiveMsg::Command { id, cmd }) if super::moves::is_move(&cmd) => {
+                    let (hv, out, ctx) = (hv.clone(), out_tx.clone(), moves.clone());
+                    tokio::spawn(async move {
+                        let result = super::moves::run(hv.as_ref(), cmd, &ctx).await;
+                        if let Err(e) = &result {
+                            tracing::warn!(error = %e, "move command failed");
+                        }
+                        let _ = out.send(AgentMsg::Reply { id, result });
                     });
                 }
                 Some(HiveMsg::Command { id, cmd }) => {

@@ -13,8 +13,13 @@ use async_trait::async_trait;
 use parking_lot::Mutex;
 use tokio::sync::{mpsc, oneshot};
 
-use super::{Console, DriverError, ExecOutput, GuestStatus, Hypervisor, PrepareSpec, VmSpec, VmStats};
+use super::{Console, DriverError, ExecOutput, ExportedDisk, ExportedTemplate, GuestStatus, Hypervisor, PrepareSpec, VmSpec, VmStats};
 use crate::agent::proto::{CmdOk, Command, Fetched, HiveMsg, Peer};
+
+/// How long a call that moves a disk (`Export`, `Import`, `ExportTemplate`,
+/// `InstallExportedTemplate`) may take: the disk crosses the network once, which may take hours
+/// for a big one (see `RemoteHypervisor::set_move_timeout`).
+pub const MOVE_TIMEOUT: Duration = Duration::from_secs(6 * 3600);
 
 type Pending = HashMap<u64, oneshot::Sender<Result<CmdOk, DriverError>>>;
 
@@ -129,13 +134,25 @@ impl AgentLink {
 pub struct RemoteHypervisor {
     link: Mutex<Option<Arc<AgentLink>>>,
     timeout: Duration,
+    move_timeout: Mutex<Duration>,
     backend: Mutex<&'static str>,
     behind_nat: AtomicBool,
 }
 
 impl RemoteHypervisor {
     pub fn new(timeout: Duration) -> RemoteHypervisor {
-        RemoteHypervisor { link: Mutex::new(None), timeout, backend: Mutex::new("agent"), behind_nat: AtomicBool::new(false) }
+        RemoteHypervisor {
+            link: Mutex::new(None),
+            timeout,
+            move_timeout: Mutex::new(MOVE_TIMEOUT),
+            backend: Mutex::new("agent"),
+            behind_nat: AtomicBool::new(false),
+        }
+    }
+
+    /// How long the calls that move a disk may take from now on (default `MOVE_TIMEOUT`).
+    pub fn set_move_timeout(&self, timeout: Duration) {
+        *self.move_timeout.lock() = timeout;
     }
 
     /// Remember whether the agent said its node is behind NAT (VNC through the tunnel).
@@ -224,6 +241,13 @@ impl RemoteHypervisor {
         let link = self.link.lock().clone().ok_or_else(|| DriverError::Failed("node offline".into()))?;
         link.call(cmd, self.timeout).await
     }
+
+    /// A call that moves a disk, with the move timeout.
+    async fn call_long(&self, cmd: Command) -> Result<CmdOk, DriverError> {
+        let link = self.link.lock().clone().ok_or_else(|| DriverError::Failed("node offline".into()))?;
+        let timeout = *self.move_timeout.lock();
+        link.call(cmd, timeout).await
+    }
 }
 
 fn unexpected(got: CmdOk) -> DriverError {
@@ -305,6 +329,24 @@ impl Hypervisor for RemoteHypervisor {
     async fn exec(&self, domain: &str, command: &str) -> Result<ExecOutput, DriverError> {
         expect!(self.call(Command::Exec { domain: domain.into(), command: command.into() }), CmdOk::Exec(o) => o)
     }
+
+    /// The agent uploads the disk to this hive instance: the answer's disk is a `DiskRef::Image`.
+    async fn export(&self, domain: &str) -> Result<ExportedDisk, DriverError> {
+        expect!(self.call_long(Command::Export { domain: domain.into() }), CmdOk::Exported(d) => d)
+    }
+
+    /// The agent fetches a `DiskRef::Image` disk from this hive instance first.
+    async fn import(&self, spec: &VmSpec, disk: &ExportedDisk) -> Result<String, DriverError> {
+        expect!(self.call_long(Command::Import { spec: spec.clone(), disk: disk.clone() }), CmdOk::Domain(d) => d)
+    }
+
+    async fn export_template(&self, name: &str) -> Result<ExportedTemplate, DriverError> {
+        expect!(self.call_long(Command::ExportTemplate { name: name.into() }), CmdOk::ExportedTemplate(t) => t)
+    }
+
+    async fn install_exported_template(&self, template: &ExportedTemplate) -> Result<(), DriverError> {
+        expect!(self.call_long(Command::InstallExportedTemplate { template: template.clone() }), CmdOk::Done => ())
+    }
 }
 
 /// Carry out one command on a local hypervisor: what the agent does with each `Command`.
@@ -325,6 +367,12 @@ pub async fn execute(h: &dyn Hypervisor, cmd: Command) -> Result<CmdOk, DriverEr
         Command::Prepare { domain, spec } => h.prepare(&domain, &spec).await.map(|_| CmdOk::Done)?,
         Command::Stats { domain } => CmdOk::Stats(h.stats(&domain).await?),
         Command::List => CmdOk::Domains(h.list().await?),
+        // The driver's own answers: the agent uploads an exported `File` and fetches an `Image`
+        // to import around these (`agent::moves`).
+        Command::Export { domain } => CmdOk::Exported(h.export(&domain).await?),
+        Command::Import { spec, disk } => CmdOk::Domain(h.import(&spec, &disk).await?),
+        Command::ExportTemplate { name } => CmdOk::ExportedTemplate(h.export_template(&name).await?),
+        Command::InstallExportedTemplate { template } => h.install_exported_template(&template).await.map(|_| CmdOk::Done)?,
         Command::FetchImage { .. }
         | Command::Migrate { .. }
         | Command::CancelMigration { .. }

@@ -5,7 +5,6 @@
 //! Endpoint parameters are shown redacted.
 
 use bytes::Buf;
-use futures_util::{StreamExt, TryStreamExt};
 use serde_json::json;
 use warp::Filter;
 use warp::filters::BoxedFilter;
@@ -15,10 +14,9 @@ use warp::reply::Response;
 use super::auth::require_admin;
 use super::error::ApiError;
 use super::reply::{self, ApiResult, uint};
-use super::{auth, body, timed, with_hive};
+use super::{agent_upload, auth, body, timed, with_hive};
 use crate::app::Hive;
 use crate::domain::migration::{Endpoint, Role};
-use crate::images::{ImageError, UploadSpec};
 use crate::migration::service::{MigrationError, NewEndpoint, NewMigration};
 
 impl From<MigrationError> for ApiError {
@@ -228,7 +226,7 @@ async fn cancel(hive: Hive, id: String, t: Option<String>) -> ApiResult {
     Ok(reply::json(&hive.migrations().cancel(id).await?))
 }
 
-/// The worker's converted disk, streamed into the image registry in chunks.
+/// The worker's converted disk, streamed into the image registry (`agent_upload`).
 async fn upload<S, B>(
     hive: Hive,
     id: String,
@@ -243,44 +241,9 @@ where
     B: Buf,
 {
     let id = uint("migration", &id)?;
-    let given = t.as_deref().and_then(|h| h.strip_prefix("Bearer ")).unwrap_or("");
-    let node = hive.authenticate_agent(given).await.map_err(ApiError::from)?;
+    let node = agent_upload::node_of(&hive, t.as_deref()).await?;
     let m = hive.migrations().upload_allowed(id, node).await?;
-    let sha = sha.ok_or_else(|| ApiError::bad("x-sha256", "the converted disk's SHA-256 is required"))?;
-    let size = len.ok_or_else(|| ApiError::bad("content-length", "the disk's size is required"))?;
-    let images = hive.images();
-    // The guest sees the disk's virtual size: that is what a VM of this image needs.
-    let disk_mb = virtual_size.unwrap_or(size).div_ceil(1024 * 1024).max(1);
     let readme = format!("Migrated by migration {id} ({}).", m.description);
-    let spec = UploadSpec { name: m.name.clone(), sha256: sha.clone(), size, readme: Some(readme), cores: 1, ram_mb: 512, disk_mb };
-    let upload = match images.begin(spec).await {
-        Ok((u, _)) => u,
-        // The same content was migrated before: the image is there already.
-        Err(ImageError::Exists(_)) => return Ok(reply::json(&images.get(&sha).await?)),
-        Err(e) => return Err(e.into()),
-    };
-    let chunk = images.chunk_max().max(1) as usize;
-    let mut offset = upload.offset;
-    let mut buf = bytes::BytesMut::new();
-    let mut body = body.map_ok(|mut b| b.copy_to_bytes(b.remaining()));
-    let mut skip = offset;
-    while let Some(part) = body.next().await {
-        let mut part = part.map_err(|e| ApiError::BadBody(format!("upload broke off: {e}")))?;
-        // A resumed upload already holds the first `offset` bytes.
-        let drop_n = (skip as usize).min(part.len());
-        part.advance(drop_n);
-        skip -= drop_n as u64;
-        buf.extend_from_slice(&part);
-        while buf.len() >= chunk {
-            let piece = buf.split_to(chunk).freeze();
-            offset = images.write(&upload.upload_id, offset, piece).await?;
-        }
-    }
-    if !buf.is_empty() {
-        offset = images.write(&upload.upload_id, offset, buf.freeze()).await?;
-    }
-    if offset != size {
-        return Err(ApiError::BadBody(format!("upload ended at byte {offset} of {size}")));
-    }
-    Ok(reply::json_status(StatusCode::CREATED, &images.complete(&upload.upload_id).await?))
+    let described = agent_upload::Described { sha256: sha, size: len, virtual_size };
+    agent_upload::into_registry(&hive, m.name.clone(), readme, described, body).await
 }

@@ -24,7 +24,7 @@ use super::fetch::{self, DiskFormat, FetchError, FetchedDisk, SourceSpec};
 use crate::domain::migration::Event;
 
 pub use scratch::Scratch;
-pub use upload::upload;
+pub use upload::{PutFile, put_file, upload};
 
 /// Hashing reads the qcow2 in pieces this large.
 const HASH_BUF: usize = 1 << 20;
@@ -262,7 +262,7 @@ async fn convert_boot_disk(
 
 /// The SHA-256 of `path` in lowercase hex, read on a blocking thread that publishes the bytes
 /// read so far and stops on cancel, or when this future is dropped.
-async fn sha256_file(path: &Path, hashed: watch::Sender<u64>, cancel: &CancellationToken) -> Result<String, WorkerError> {
+pub async fn sha256_file(path: &Path, hashed: watch::Sender<u64>, cancel: &CancellationToken) -> Result<String, WorkerError> {
     let stop = cancel.child_token();
     let _stop_when_dropped = stop.clone().drop_guard();
     let file = path.to_path_buf();

@@ -2,7 +2,11 @@
 //! virtual size in headers so the hive can check what arrived. Only reaching the hive is bounded
 //! by a timeout: a disk may take hours to send. Cancel aborts the request at once. The bearer
 //! token is never logged and is marked sensitive in the request.
+//!
+//! The sending itself (`put_file`) serves any file an agent hands the hive this way (a VM's disk
+//! exported for a move, too).
 
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use futures_util::TryStreamExt;
@@ -25,6 +29,18 @@ const ANSWER_MAX: usize = 1 << 20;
 /// Characters of a non-JSON error answer quoted in the error.
 const QUOTE_MAX: usize = 200;
 
+/// A file to send to the hive in one `PUT`, as its sender hashed it.
+#[derive(Clone, Copy, Debug)]
+pub struct PutFile<'a> {
+    pub path: &'a Path,
+    /// Bytes of the file when it was hashed; a file that has another size now is not sent.
+    pub size: u64,
+    /// Lowercase hex SHA-256 of the file (`x-sha256`).
+    pub sha256: &'a str,
+    /// The guest-visible size of the disk in the file (`x-virtual-size`), if known.
+    pub virtual_size: Option<u64>,
+}
+
 /// `PUT` the qcow2 to `url` with `Authorization: Bearer <bearer>`, reporting the bytes sent as
 /// `UploadingToDestination` percents (100 once the hive accepted it), and answer the hive's JSON
 /// (`null` for an empty answer). A non-2xx answer is an error carrying its status and the
@@ -36,6 +52,35 @@ pub async fn upload(
     steps: &StepSender,
     cancel: &CancellationToken,
 ) -> Result<serde_json::Value, WorkerError> {
+    let file =
+        PutFile { path: &converted.path, size: converted.size, sha256: &converted.sha256, virtual_size: Some(converted.virtual_size) };
+    let (size, reporter_steps) = (converted.size, steps.clone());
+    let mut report: Option<StepReporter> = None;
+    // Bytes handed to the connection, not yet acknowledged: 100 waits for the hive's answer.
+    let on_sent = move |sent: u64| {
+        report
+            .get_or_insert_with(|| StepReporter::start(&reporter_steps, Event::UploadingToDestination))
+            .to(percent(sent, size).unwrap_or(0).min(99));
+    };
+    let started = Instant::now();
+    let (_, value) = put_file(file, url, bearer, on_sent, cancel).await?;
+    let _ = steps.send((Event::UploadingToDestination, 100));
+    tracing::info!(bytes = size, duration_ms = started.elapsed().as_millis() as u64, "migration disk uploaded");
+    Ok(value)
+}
+
+/// `PUT` `file` to `url` with `Authorization: Bearer <bearer>`, its length, `x-sha256` and (if
+/// given) `x-virtual-size`, and answer the hive's success status and JSON (`null` for an empty
+/// answer). `on_sent` hears 0 once everything is checked and the request is about to go, then
+/// the bytes handed to the connection so far. A non-2xx answer is an error carrying its status
+/// and the message of the hive's `{"error": {"code", "message"}}` envelope.
+pub async fn put_file(
+    file: PutFile<'_>,
+    url: &str,
+    bearer: &SecretString,
+    mut on_sent: impl FnMut(u64) + Send + 'static,
+    cancel: &CancellationToken,
+) -> Result<(StatusCode, serde_json::Value), WorkerError> {
     if cancel.is_cancelled() {
         return Err(WorkerError::Cancelled);
     }
@@ -50,49 +95,48 @@ pub async fn upload(
         .map_err(|_| fail(None, "the bearer token is not a valid header value".into()))?;
     auth.set_sensitive(true);
 
-    let path = &converted.path;
-    let file = tokio::fs::File::open(path).await.map_err(|e| WorkerError::io(format!("open {}", path.display()), e))?;
-    let size = file.metadata().await.map_err(|e| WorkerError::io(format!("stat {}", path.display()), e))?.len();
-    if size != converted.size {
-        let changed = std::io::Error::other(format!("{size} bytes, {} when it was hashed", converted.size));
-        return Err(WorkerError::io(format!("{} changed since its conversion", path.display()), changed));
+    let path = file.path;
+    let opened = tokio::fs::File::open(path).await.map_err(|e| WorkerError::io(format!("open {}", path.display()), e))?;
+    let size = opened.metadata().await.map_err(|e| WorkerError::io(format!("stat {}", path.display()), e))?.len();
+    if size != file.size {
+        let changed = std::io::Error::other(format!("{size} bytes, {} when it was hashed", file.size));
+        return Err(WorkerError::io(format!("{} changed since it was hashed", path.display()), changed));
     }
 
-    let mut report = StepReporter::start(steps, Event::UploadingToDestination);
+    on_sent(0);
     let mut sent = 0u64;
-    // Bytes handed to the connection, not yet acknowledged: 100 waits for the hive's answer.
-    let body = ReaderStream::with_capacity(file, CHUNK).inspect_ok(move |chunk| {
+    let body = ReaderStream::with_capacity(opened, CHUNK).inspect_ok(move |chunk| {
         sent += chunk.len() as u64;
-        report.to(percent(sent, size).unwrap_or(0).min(99));
+        on_sent(sent);
     });
     let client = reqwest::Client::builder().connect_timeout(CONNECT_TIMEOUT).build().map_err(|e| fail(None, describe(&e)))?;
-    let request = client
+    let mut request = client
         .put(target.clone())
         .header(AUTHORIZATION, auth.clone())
         .header(CONTENT_LENGTH, size)
         .header(CONTENT_TYPE, "application/octet-stream")
-        .header("x-sha256", converted.sha256.as_str())
-        .header("x-virtual-size", converted.virtual_size)
-        .body(Body::wrap_stream(body));
+        .header("x-sha256", file.sha256);
+    if let Some(v) = file.virtual_size {
+        request = request.header("x-virtual-size", v);
+    }
+    let request = request.body(Body::wrap_stream(body));
 
-    let started = Instant::now();
     let exchange = async {
         let mut response = match request.send().await {
             Ok(r) => r,
-            // A hive that refuses the upload answers before reading the body and closes; the
-            // client may then only see its write fail. Ask again without a body to learn why.
-            Err(e) => match client
-                .put(target)
-                .header(AUTHORIZATION, auth)
-                .header(CONTENT_LENGTH, 0)
-                .header("x-sha256", converted.sha256.as_str())
-                .send()
-                .await
-            {
-                // Only refusals of the caller, never a complaint about the empty probe itself.
-                Ok(r) if matches!(r.status().as_u16(), 401 | 403 | 404 | 409 | 410) => r,
-                _ => return Err(fail(None, describe(&e))),
-            },
+            // A hive that refuses the upload, or has its content already (200), answers before
+            // reading the body and closes; the client may then only see its write fail. Ask
+            // again without a body to learn why.
+            Err(e) => {
+                match client.put(target).header(AUTHORIZATION, auth).header(CONTENT_LENGTH, 0).header("x-sha256", file.sha256).send().await
+                {
+                    // Only refusals of the caller, or "I hold that content" (which a hive
+                    // can say of an empty body only when it does), never a complaint about
+                    // the empty probe itself.
+                    Ok(r) if matches!(r.status().as_u16(), 200 | 401 | 403 | 404 | 409 | 410) => r,
+                    _ => return Err(fail(None, describe(&e))),
+                }
+            }
         };
         let status = response.status();
         let mut answer = Vec::new();
@@ -115,11 +159,8 @@ pub async fn upload(
     } else {
         serde_json::from_slice(&answer).map_err(|e| fail(Some(status), format!("the answer is not JSON: {e}")))?
     };
-    let _ = steps.send((Event::UploadingToDestination, 100));
-    tracing::info!(bytes = size, duration_ms = started.elapsed().as_millis() as u64, "migration disk uploaded");
-    Ok(value)
+    Ok((status, value))
 }
-
 /// What a refusal says: the envelope's message, else the start of the text, else the reason.
 fn refusal(status: StatusCode, answer: &[u8]) -> String {
     let envelope = serde_json::from_slice::<serde_json::Value>(answer).ok();
