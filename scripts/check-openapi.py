@@ -2,7 +2,7 @@
 """Check web/openapi.json against the warp router.
 
 1. Validates the document as OpenAPI (openapi-spec-validator: `pip install openapi-spec-validator`).
-2. Extracts every (method, path) the router serves from src/http/{mod,ops,live,images,nodes,lifecycle,agent,gateway,pages,migrations}.rs
+2. Extracts every (method, path) the router serves from src/http/{mod,ops,live,images,nodes,lifecycle,agent,agent_upload,gateway,pages,migrations,moves}.rs
    and checks that the document describes exactly those operations; that exactly the routes
    that read the Authorization header (`auth()`) carry a security requirement; and that
    exactly those whose handler checks the admin token (`require_admin`) carry `bearerAuth`
@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "web" / "openapi.json"
 HTTP = ROOT / "src" / "http"
 ROUTER_FILES = [
-    HTTP / f for f in ("mod.rs", "ops.rs", "live.rs", "images.rs", "nodes.rs", "lifecycle.rs", "agent.rs", "gateway.rs", "pages.rs", "migrations.rs")
+    HTTP / f for f in ("mod.rs", "ops.rs", "live.rs", "images.rs", "nodes.rs", "lifecycle.rs", "agent.rs", "agent_upload.rs", "gateway.rs", "pages.rs", "migrations.rs", "moves.rs")
 ]
 METHODS = ("get", "post", "put", "patch", "delete")
 

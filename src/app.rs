@@ -116,6 +116,7 @@ impl Hive {
             restart,
             clock,
             call_timeout: timeout,
+            images: Some(images.clone()),
         };
         let args = SupervisorArgs {
             pools: pools.clone(),

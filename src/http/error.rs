@@ -75,6 +75,7 @@ impl From<PoolInputError> for ApiError {
         match e {
             PoolInputError::UnknownBatch(_) => ApiError::NotFound { code: "unknown_batch", message: e.to_string() },
             PoolInputError::UnknownHandle(_) => ApiError::NotFound { code: "unknown_handle", message: e.to_string() },
+            PoolInputError::UnknownVm(_) => ApiError::NotFound { code: "unknown_vm", message: e.to_string() },
             PoolInputError::Invalid { field, reason } => ApiError::BadParam { field, reason },
         }
     }

@@ -8,12 +8,14 @@
 //! Surfaces: `vmcloud.rs` (the original API on the `default` pool), `api.rs` (`/api/v1`),
 //! `images.rs` (`/api/v1/images`: uploads, images, manifests and pieces), `nodes.rs` (join
 //! tokens, joining, node admin, rewards, ratings), `lifecycle.rs` (users, baseimages,
-//! environments, deployments, apps), `agent.rs` (the agents' WebSocket),
+//! environments, deployments, apps), `agent.rs` (the agents' WebSocket), `agent_upload.rs`
+//! (disks agents send: a migrated disk, a disk exported to move a VM),
 //! `ops.rs` (`/healthz`, `/readyz`, `/metrics`, the monitor page and a pool's live stream),
 //! `live.rs` (`/api/v1/live`, the whole hive's live stream for the monitor page),
 //! `pages.rs` (the session page and noVNC's modules).
 
 mod agent;
+mod agent_upload;
 mod api;
 mod auth;
 mod error;
@@ -23,6 +25,7 @@ mod images;
 mod lifecycle;
 mod live;
 mod migrations;
+mod moves;
 mod nodes;
 mod ops;
 pub mod pages;
@@ -75,7 +78,11 @@ pub fn routes(hive: Hive) -> BoxedFilter<(Response,)> {
         .unify()
         .or(migrations::routes(hive.clone()))
         .unify()
+        .or(moves::routes(hive.clone()))
+        .unify()
         .or(agent::route(hive.clone()))
+        .unify()
+        .or(agent_upload::routes(hive.clone()))
         .unify()
         .or(gateway::routes(hive.clone()))
         .unify()

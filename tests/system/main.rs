@@ -30,6 +30,10 @@ mod migration;
 #[cfg(feature = "libvirt")]
 mod migration_libvirt;
 mod monitor_page;
+mod moves;
+mod moves_agents;
+#[cfg(feature = "libvirt")]
+mod moves_libvirt;
 mod multi;
 mod nodes_admin;
 mod observability;

@@ -104,6 +104,21 @@ pub(super) async fn run_effect(
                 ended_at: to,
             }));
         }
+        Effect::Move { vm, op, from, to } => {
+            let job = super::moves::MoveJob {
+                key: key(&st.args, vm),
+                op,
+                from,
+                to,
+                spec: st.args.vm_spec.clone(),
+                boot_timeout: Duration::from_millis(st.args.rules.timeouts.booting),
+                images: st.args.images.clone(),
+                nodes: st.args.nodes.clone(),
+                pool: st.args.handle.clone(),
+                session: st.sessions.get(&vm).cloned(),
+            };
+            tokio::spawn(super::moves::run(job));
+        }
         Effect::HandleEnded { handle, why } => {
             if why == HandleEnd::Released {
                 metrics::release(&pool_name);

@@ -98,6 +98,17 @@ impl PoolHandle {
         self.call(|reply| PoolMsg::Shutdown { reply }).await
     }
 
+    /// Begin moving a FREE or READY VM to node `to`; answered once the move has begun (the VM
+    /// is in WAIT and stays there until it runs on `to`, or again where it was).
+    pub async fn move_vm(&self, vm: crate::domain::VmId, to: crate::domain::NodeId) -> Result<super::moves::MoveView, PoolError> {
+        self.call(|reply| PoolMsg::MoveVm { vm, to, reply }).await
+    }
+
+    /// The VM's last move since the pool manager started.
+    pub async fn move_status(&self, vm: crate::domain::VmId) -> Result<Option<super::moves::MoveView>, PoolError> {
+        self.call(|reply| PoolMsg::MoveStatus { vm, reply }).await
+    }
+
     pub async fn status(&self) -> Result<PoolSnapshot, PoolError> {
         self.call(|reply| PoolMsg::Status { reply }).await
     }

@@ -21,13 +21,15 @@ mod claims;
 mod effects;
 mod handle;
 mod hooks;
+pub mod moves;
+mod reports;
 
 pub use handle::PoolHandle;
 pub use hooks::VmHooks;
 
 use crate::domain::node::NodeUse;
 use crate::domain::pool::{Handle, PoolInputError, PoolRules, PoolSnapshot, PoolState, Resized};
-use crate::domain::vm::{Placement, Vm, VmAddress, VmState};
+use crate::domain::vm::{Placement, Vm, VmAddress};
 use crate::domain::{BatchId, HandleId, Millis, NodeId, VmId};
 use crate::drivers::VmSpec;
 use crate::metrics;
@@ -95,6 +97,11 @@ pub enum DriverReport {
         vm: VmId,
         ok: bool,
     },
+    Moved {
+        vm: VmId,
+        op: u64,
+        outcome: moves::MoveOutcome,
+    },
 }
 
 pub(super) type Reply<T> = RpcReplyPort<Result<T, PoolError>>;
@@ -143,6 +150,16 @@ pub enum PoolMsg {
         reply: Reply<HandleView>,
     },
     Report(DriverReport),
+    /// Move a FREE or READY VM to another node (cold); answered once the move has begun.
+    MoveVm {
+        vm: VmId,
+        to: NodeId,
+        reply: Reply<moves::MoveView>,
+    },
+    MoveStatus {
+        vm: VmId,
+        reply: Reply<Option<moves::MoveView>>,
+    },
     Tick,
     /// The node registry was restarted: reserve this pool's VMs' capacity again.
     Reclaim,
@@ -179,6 +196,8 @@ pub struct PoolArgs {
     pub coord: Arc<dyn crate::coord::Coordinator>,
     pub lease: u64,
     pub hooks: Option<Arc<dyn VmHooks>>,
+    /// Where moves between agents pass their disks (and delete them afterwards).
+    pub images: Option<crate::images::ImageRegistry>,
 }
 
 pub struct PoolManager;
@@ -217,6 +236,8 @@ pub struct PoolManagerState {
     /// Set by an effect that cannot be carried out safely (no claim): the manager stops before
     /// committing the event's changes.
     stopping: Option<String>,
+    /// The last move of each VM since this manager started.
+    moves: HashMap<VmId, moves::MoveView>,
 }
 
 impl Actor for PoolManager {
@@ -251,6 +272,7 @@ impl Actor for PoolManager {
             epoch,
             claims: HashMap::new(),
             stopping: None,
+            moves: HashMap::new(),
         };
         claims::restore(&mut st).await?;
         // Suspect, draining and dead nodes, as the registry sees them now.
@@ -348,31 +370,19 @@ impl Actor for PoolManager {
                 r => return settle(&me, st, r, reply).await,
             },
             PoolMsg::Report(r) => {
-                match r {
-                    DriverReport::Created { vm, op, placement } => pool.created(vm, op, placement, now),
-                    DriverReport::Booted { vm, op, address } => pool.booted(vm, op, address, now),
-                    DriverReport::BootFailed { vm, op, placement } => pool.boot_failed(vm, op, placement, now),
-                    DriverReport::Prepared { vm, op, ok, vnc_passwd } => {
-                        if let Some(pw) = vnc_passwd {
-                            pool.vnc_password(vm, op, pw);
-                        }
-                        let current = pool.vm(vm).is_some_and(|v| v.op == op && v.state == VmState::Wait);
-                        pool.prepared(vm, op, ok, now);
-                        if let (true, Some(hooks), Some(v)) = (ok && current, &st.args.hooks, pool.vm(vm)) {
-                            if matches!(v.state, VmState::Ready | VmState::Occupied) {
-                                hooks.prepared(st.args.handle.name(), vm, &v.address);
-                            }
-                        }
-                    }
-                    DriverReport::Cleaned { vm, op, ok, vnc_passwd } => {
-                        if let Some(pw) = vnc_passwd {
-                            pool.vnc_password(vm, op, pw);
-                        }
-                        pool.cleaned(vm, op, ok, now)
-                    }
-                    DriverReport::Pinged { vm, ok } => pool.pinged(vm, ok, now),
-                }
+                reports::apply_report(st, r, now);
                 apply(&me, st).await?;
+            }
+            PoolMsg::MoveVm { vm, to, reply } => {
+                let r = pool.start_move(vm, to, now).map(|m| {
+                    let view = moves::MoveView::started(&m, now);
+                    st.moves.insert(vm, view.clone());
+                    view
+                });
+                return settle(&me, st, r.map_err(Into::into), reply).await;
+            }
+            PoolMsg::MoveStatus { vm, reply } => {
+                let _ = reply.send(Ok(st.moves.get(&vm).cloned()));
             }
             PoolMsg::Tick => {
                 st.timer = None;

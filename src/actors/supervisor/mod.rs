@@ -62,6 +62,8 @@ pub struct PoolTemplate {
     pub call_timeout: Duration,
     /// Followers of each VM's life with a user (Guacamole's REST mode), if any.
     pub hooks: Option<Arc<dyn crate::actors::pool::VmHooks>>,
+    /// Where moves between agents pass their disks.
+    pub images: Option<crate::images::ImageRegistry>,
 }
 
 pub struct SupervisorArgs {
@@ -317,6 +319,7 @@ async fn start_pool(me: &ActorRef<HiveMsg>, args: &SupervisorArgs, handle: PoolH
         restart: t.restart,
         clock: t.clock,
         hooks: t.hooks.clone(),
+        images: t.images.clone(),
     };
     let (actor, _) = Actor::spawn_linked(None, PoolManager, pool_args, me.get_cell()).await?;
     handle.slot().set(Some(actor));

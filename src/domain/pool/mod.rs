@@ -11,6 +11,10 @@
 
 mod instant;
 mod invariants;
+mod moves;
+pub use moves::MoveStarted;
+#[cfg(test)]
+mod moves_tests;
 mod results;
 mod rules;
 #[cfg(test)]
@@ -161,6 +165,13 @@ pub enum Effect {
         handle: HandleId,
         ends_at: Millis,
     },
+    /// Move the VM's domain to node `to` (cold: stop, copy, start there); report with `moved`.
+    Move {
+        vm: VmId,
+        op: u64,
+        from: Placement,
+        to: NodeId,
+    },
     /// A user's time on a VM ended (released, expired or lost): a row of the rewards ledger.
     Served {
         handle: HandleId,
@@ -192,6 +203,8 @@ pub enum PoolInputError {
     UnknownBatch(BatchId),
     #[error("no handle {0}")]
     UnknownHandle(HandleId),
+    #[error("no VM {0} in this pool")]
+    UnknownVm(VmId),
     #[error("{field}: {reason}")]
     Invalid { field: &'static str, reason: String },
 }
@@ -241,6 +254,9 @@ pub struct PoolState {
     /// Sessions already warned that they reach the maximum duration (not stored: after a
     /// restart a user may be warned twice, never not at all).
     pub(crate) warned: BTreeSet<HandleId>,
+    /// VMs on their way to another node (in WAIT meanwhile). Not stored: a restart fails the
+    /// move like any step in flight.
+    pub(crate) moves: BTreeMap<VmId, moves::Moving>,
 }
 
 impl PoolState {
@@ -264,6 +280,7 @@ impl PoolState {
             passes: 0,
             node_use: BTreeMap::new(),
             warned: BTreeSet::new(),
+            moves: BTreeMap::new(),
         }
     }
 
@@ -541,6 +558,8 @@ impl PoolState {
             }
         }
         if let Some(v) = self.vms.remove(&vm) {
+            // A move in flight reports to a VM that is gone: its new domain is destroyed then.
+            self.moves.remove(&vm);
             self.dirty.vms.insert(vm);
             self.effects.push(Effect::Kill { vm, placement: v.placement });
         }

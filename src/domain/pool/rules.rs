@@ -185,6 +185,10 @@ impl PoolState {
     fn rule_timeouts(&mut self, now: Millis) -> bool {
         let t = self.rules.timeouts;
         let expired = self.first_vm(|v| {
+            // A moving VM is the mover's: it always reports, within its own deadline.
+            if self.moves.contains_key(&v.id) {
+                return false;
+            }
             let gone = match self.node_use_of(v) {
                 NodeUse::Lost => true,
                 NodeUse::Drain => v.state != VmState::Occupied,
@@ -264,7 +268,7 @@ impl PoolState {
         let t = self.rules.timeouts;
         let mut next: Option<Millis> = None;
         let mut consider = |at: Millis| next = Some(next.map_or(at, |n| n.min(at)));
-        for v in self.vms.values() {
+        for v in self.vms.values().filter(|v| !self.moves.contains_key(&v.id)) {
             if let Some(limit) = timeout_for(&t, v.state) {
                 consider(v.contact.saturating_add(limit));
             }
