@@ -8,18 +8,27 @@ sock=/run/guaca-hive/libvirt/libvirt-sock
 uri="qemu:///system?socket=$sock"
 mkdir -p /run/guaca-hive/libvirt /var/log/guaca-hive
 
-if ! pgrep -x virtlogd >/dev/null; then
+# Only a virtlogd in this mount namespace counts: the migration peer's (libvirt-peer-up.sh)
+# runs in its own, on its own /run/libvirt.
+own_virtlogd() {
+    local p
+    for p in $(pgrep -x virtlogd); do
+        [ "$(readlink "/proc/$p/ns/mnt" 2>/dev/null)" = "$(readlink /proc/self/ns/mnt)" ] && return 0
+    done
+    return 1
+}
+if ! own_virtlogd; then
     virtlogd -d -f "$here/libvirt/virtlogd.conf"
 fi
 if ! virsh -c "$uri" version >/dev/null 2>&1; then
     # A previous private libvirtd that stopped answering (its socket removed) still holds
     # libvirt's driver pid files until it has exited: make sure it has, or the new one fails.
-    if pkill -f "libvirtd.*guaca-hive" 2>/dev/null; then
+    if pkill -f "libvirtd.*scripts/libvirt/libvirtd\.conf" 2>/dev/null; then
         for _ in $(seq 1 300); do
-            pgrep -f "libvirtd.*guaca-hive" >/dev/null || break
+            pgrep -f "libvirtd.*scripts/libvirt/libvirtd\.conf" >/dev/null || break
             sleep 0.1
         done
-        pkill -9 -f "libvirtd.*guaca-hive" 2>/dev/null || true
+        pkill -9 -f "libvirtd.*scripts/libvirt/libvirtd\.conf" 2>/dev/null || true
         sleep 0.5
     fi
     libvirtd -d -f "$here/libvirt/libvirtd.conf" -p /run/guaca-hive/libvirtd.pid
