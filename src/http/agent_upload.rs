@@ -25,12 +25,18 @@ pub fn routes(hive: Hive) -> BoxedFilter<(Response,)> {
         .and(warp::put())
         .and(with_hive(hive))
         .and(auth())
-        .and(warp::header::optional::<String>("x-sha256"))
+        .and(described())
+        .and(warp::body::stream())
+        .then(|name, hive, t, d, s| timed("/api/v1/agent/exports/{name}", export(hive, name, t, d, s)));
+    export.boxed()
+}
+
+/// What an agent's upload says about its body (`x-sha256`, `Content-Length`, `x-virtual-size`).
+pub(super) fn described() -> impl Filter<Extract = (Described,), Error = warp::Rejection> + Clone {
+    warp::header::optional::<String>("x-sha256")
         .and(warp::header::optional::<u64>("content-length"))
         .and(warp::header::optional::<u64>("x-virtual-size"))
-        .and(warp::body::stream())
-        .then(|name, hive, t, sha, len, vsize, s| timed("/api/v1/agent/exports/{name}", export(hive, name, t, sha, len, vsize, s)));
-    export.boxed()
+        .map(|sha256, size, virtual_size| Described { sha256, size, virtual_size })
 }
 
 /// What an agent's upload says about its body, in its headers.
@@ -47,15 +53,7 @@ pub(super) async fn node_of(hive: &Hive, header: Option<&str>) -> Result<crate::
 }
 
 /// A disk exported by a node to move a VM (or a template) to another node.
-async fn export<S, B>(
-    hive: Hive,
-    name: String,
-    t: Option<String>,
-    sha256: Option<String>,
-    size: Option<u64>,
-    virtual_size: Option<u64>,
-    body: S,
-) -> ApiResult
+async fn export<S, B>(hive: Hive, name: String, t: Option<String>, described: Described, body: S) -> ApiResult
 where
     S: futures_util::Stream<Item = Result<B, warp::Error>> + Send + Unpin,
     B: Buf,
@@ -63,7 +61,7 @@ where
     let node = node_of(&hive, t.as_deref()).await?;
     let name = image_name(&name)?;
     let readme = format!("Exported by node {node} to move a VM to another node.");
-    into_registry(&hive, name, readme, Described { sha256, size, virtual_size }, body).await
+    into_registry(&hive, name, readme, described, body).await
 }
 
 /// The path segment as an image name: percent-decoded, 1 to `NAME_MAX_CHARS` characters, not

@@ -88,11 +88,9 @@ pub fn routes(hive: Hive) -> BoxedFilter<(Response,)> {
         .and(warp::put())
         .and(h())
         .and(auth())
-        .and(warp::header::optional::<String>("x-sha256"))
-        .and(warp::header::optional::<u64>("content-length"))
-        .and(warp::header::optional::<u64>("x-virtual-size"))
+        .and(agent_upload::described())
         .and(warp::body::stream())
-        .then(|id, hive, t, sha, len, vsize, s| timed("/api/v1/agent/migrations/{id}/disk", upload(hive, id, t, sha, len, vsize, s)));
+        .then(|id, hive, t, d, s| timed("/api/v1/agent/migrations/{id}/disk", upload(hive, id, t, d, s)));
     discover
         .or(resources)
         .unify()
@@ -227,15 +225,7 @@ async fn cancel(hive: Hive, id: String, t: Option<String>) -> ApiResult {
 }
 
 /// The worker's converted disk, streamed into the image registry (`agent_upload`).
-async fn upload<S, B>(
-    hive: Hive,
-    id: String,
-    t: Option<String>,
-    sha: Option<String>,
-    len: Option<u64>,
-    virtual_size: Option<u64>,
-    body: S,
-) -> ApiResult
+async fn upload<S, B>(hive: Hive, id: String, t: Option<String>, described: agent_upload::Described, body: S) -> ApiResult
 where
     S: futures_util::Stream<Item = Result<B, warp::Error>> + Send + Unpin,
     B: Buf,
@@ -244,6 +234,5 @@ where
     let node = agent_upload::node_of(&hive, t.as_deref()).await?;
     let m = hive.migrations().upload_allowed(id, node).await?;
     let readme = format!("Migrated by migration {id} ({}).", m.description);
-    let described = agent_upload::Described { sha256: sha, size: len, virtual_size };
     agent_upload::into_registry(&hive, m.name.clone(), readme, described, body).await
 }
