@@ -110,6 +110,16 @@ struct LibvirtArgs {
     /// Where VNC displays listen.
     #[arg(long, default_value = "127.0.0.1")]
     vnc_listen: String,
+    /// The first of the 2000 ports VNC displays take.
+    #[arg(long, default_value_t = 5900)]
+    vnc_first_port: u16,
+    /// How other nodes' libvirtd reach this node's, for live moves to this node
+    /// (e.g. qemu+tls://node-b.example/system; default: this node takes no live moves).
+    #[arg(long)]
+    libvirt_peer_uri: Option<String>,
+    /// Where live moves to this node send memory and disk (e.g. tcp://10.0.0.2; default: libvirt's).
+    #[arg(long)]
+    libvirt_migrate_uri: Option<String>,
     /// Accelerator: kvm or tcg (default: kvm when /dev/kvm opens read-write).
     #[arg(long, value_parser = ["kvm", "tcg"])]
     accel: Option<String>,
@@ -201,10 +211,13 @@ async fn libvirt_driver(a: LibvirtArgs, data_dir: &Path) -> anyhow::Result<std::
         templates_dir: a.templates_dir,
         vm_dir: a.vm_dir.unwrap_or_else(|| data_dir.join("vms")),
         vnc_listen: a.vnc_listen,
+        vnc_first_port: a.vnc_first_port,
         network: a.network,
         domain_type: a.accel.map(|x| if x == "kvm" { DomainType::Kvm } else { DomainType::Qemu }),
         addresses,
         prepare_command: a.prepare_command,
+        peer_uri: a.libvirt_peer_uri,
+        migrate_uri: a.libvirt_migrate_uri,
         ..LibvirtConfig::default()
     };
     let hv = tokio::task::spawn_blocking(move || LibvirtHypervisor::open(cfg, channel)).await??;

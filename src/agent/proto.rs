@@ -9,7 +9,9 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::drivers::{Console, DriverError, ExecOutput, ExportedDisk, ExportedTemplate, GuestStatus, PrepareSpec, VmSpec, VmStats};
+use crate::drivers::{
+    Console, DriverError, ExecOutput, ExportedDisk, ExportedTemplate, GuestStatus, LiveSource, LiveTarget, PrepareSpec, VmSpec, VmStats,
+};
 
 /// Version of this protocol; the hive refuses a `Hello` with a different major version.
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -284,6 +286,21 @@ pub enum Command {
     InstallExportedTemplate {
         template: ExportedTemplate,
     },
+    /// Live move, the giving side: `Hypervisor::live_source`. `LiveSource`.
+    LiveSource {
+        domain: String,
+    },
+    /// Live move, the taking side: `Hypervisor::prepare_incoming`. `LiveTarget`.
+    PrepareIncoming {
+        spec: VmSpec,
+        source: LiveSource,
+    },
+    /// Live move, the giving side: `Hypervisor::migrate_live` (node to node, not through the
+    /// hive). `Done`.
+    MigrateLive {
+        domain: String,
+        target: LiveTarget,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -310,6 +327,10 @@ pub enum CmdOk {
     Exported(ExportedDisk),
     /// What `ExportTemplate` handed out.
     ExportedTemplate(ExportedTemplate),
+    /// What `LiveSource` described.
+    LiveSource(LiveSource),
+    /// What `PrepareIncoming` got ready.
+    LiveTarget(LiveTarget),
 }
 
 #[cfg(test)]

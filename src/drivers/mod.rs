@@ -107,6 +107,43 @@ pub struct ExportedTemplate {
     pub ready: Option<String>,
 }
 
+/// A running VM as its node describes it for a live move: the template its disk is an overlay
+/// of (with that template disk's SHA-256) and its migratable definitions, running and stored
+/// (with its VNC password).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LiveSource {
+    pub domain: String,
+    pub template: String,
+    pub template_sha256: String,
+    pub xml: String,
+    pub persistent_xml: String,
+}
+
+/// What the node taking a live move got ready: the domain's name and definition there, and
+/// where the source's hypervisor reaches this one (`peer_uri`) and sends the memory
+/// (`migrate_uri`; the hypervisor's default when `None`).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LiveTarget {
+    pub domain: String,
+    pub peer_uri: String,
+    pub migrate_uri: Option<String>,
+    pub xml: String,
+    pub persistent_xml: String,
+}
+
+// The definitions hold the VNC password: never in a log line.
+impl std::fmt::Debug for LiveSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LiveSource").field("domain", &self.domain).field("template", &self.template).finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for LiveTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LiveTarget").field("domain", &self.domain).field("peer_uri", &self.peer_uri).finish_non_exhaustive()
+    }
+}
+
 /// The error `import` answers when the node lacks the disk's template.
 pub fn missing_template(name: &str) -> DriverError {
     DriverError::NotFound(format!("template {name}"))
@@ -186,6 +223,27 @@ pub trait Hypervisor: Send + Sync + 'static {
     async fn export_template(&self, name: &str) -> Result<ExportedTemplate, DriverError> {
         let _ = name;
         Err(DriverError::Unsupported("exporting templates".into()))
+    }
+    /// Live move, the giving side, first step: describe the running domain (`Unsupported` where
+    /// the driver cannot move a running VM).
+    async fn live_source(&self, domain: &str) -> Result<LiveSource, DriverError> {
+        let _ = domain;
+        Err(DriverError::Unsupported("moving running VMs (live)".into()))
+    }
+    /// Live move, the taking side: get domain `spec.name` ready to receive `source` (libvirt:
+    /// an empty overlay on this node's copy of the template, and the definition with this
+    /// node's paths and VNC port). Nothing is defined yet; `destroy(spec.name)` undoes it.
+    /// `NotFound("template <name>")` when this node lacks the template, as for `import`.
+    async fn prepare_incoming(&self, spec: &VmSpec, source: &LiveSource) -> Result<LiveTarget, DriverError> {
+        let _ = (spec, source);
+        Err(DriverError::Unsupported("taking running VMs (live)".into()))
+    }
+    /// Live move, the giving side: send the running domain to `target`, memory and disk, while
+    /// it runs. On success it runs there and is gone here (definition and files); on failure
+    /// it still runs here, as it was, snapshots included.
+    async fn migrate_live(&self, domain: &str, target: &LiveTarget) -> Result<(), DriverError> {
+        let _ = (domain, target);
+        Err(DriverError::Unsupported("moving running VMs (live)".into()))
     }
     /// Install a template another node exported.
     async fn install_exported_template(&self, template: &ExportedTemplate) -> Result<(), DriverError> {

@@ -13,7 +13,10 @@ use async_trait::async_trait;
 use parking_lot::Mutex;
 use tokio::sync::{mpsc, oneshot};
 
-use super::{Console, DriverError, ExecOutput, ExportedDisk, ExportedTemplate, GuestStatus, Hypervisor, PrepareSpec, VmSpec, VmStats};
+use super::{
+    Console, DriverError, ExecOutput, ExportedDisk, ExportedTemplate, GuestStatus, Hypervisor, LiveSource, LiveTarget, PrepareSpec, VmSpec,
+    VmStats,
+};
 use crate::agent::proto::{CmdOk, Command, Fetched, HiveMsg, Peer};
 
 /// How long a call that moves a disk (`Export`, `Import`, `ExportTemplate`,
@@ -347,6 +350,18 @@ impl Hypervisor for RemoteHypervisor {
     async fn install_exported_template(&self, template: &ExportedTemplate) -> Result<(), DriverError> {
         expect!(self.call_long(Command::InstallExportedTemplate { template: template.clone() }), CmdOk::Done => ())
     }
+
+    async fn live_source(&self, domain: &str) -> Result<LiveSource, DriverError> {
+        expect!(self.call_long(Command::LiveSource { domain: domain.into() }), CmdOk::LiveSource(s) => s)
+    }
+
+    async fn prepare_incoming(&self, spec: &VmSpec, source: &LiveSource) -> Result<LiveTarget, DriverError> {
+        expect!(self.call_long(Command::PrepareIncoming { spec: spec.clone(), source: source.clone() }), CmdOk::LiveTarget(t) => t)
+    }
+
+    async fn migrate_live(&self, domain: &str, target: &LiveTarget) -> Result<(), DriverError> {
+        expect!(self.call_long(Command::MigrateLive { domain: domain.into(), target: target.clone() }), CmdOk::Done => ())
+    }
 }
 
 /// Carry out one command on a local hypervisor: what the agent does with each `Command`.
@@ -373,6 +388,9 @@ pub async fn execute(h: &dyn Hypervisor, cmd: Command) -> Result<CmdOk, DriverEr
         Command::Import { spec, disk } => CmdOk::Domain(h.import(&spec, &disk).await?),
         Command::ExportTemplate { name } => CmdOk::ExportedTemplate(h.export_template(&name).await?),
         Command::InstallExportedTemplate { template } => h.install_exported_template(&template).await.map(|_| CmdOk::Done)?,
+        Command::LiveSource { domain } => CmdOk::LiveSource(h.live_source(&domain).await?),
+        Command::PrepareIncoming { spec, source } => CmdOk::LiveTarget(h.prepare_incoming(&spec, &source).await?),
+        Command::MigrateLive { domain, target } => h.migrate_live(&domain, &target).await.map(|_| CmdOk::Done)?,
         Command::FetchImage { .. }
         | Command::Migrate { .. }
         | Command::CancelMigration { .. }

@@ -11,10 +11,12 @@
 //! `DriverError::NotFound` for a missing domain or snapshot, `Failed` with libvirt's message
 //! otherwise. Fixed addresses (dnsmasq) and the guest command channel are optional.
 //!
-//! Cold moves between nodes (`export`, `import`, `export_template`) are in `moves`. `list`
+//! Cold moves between nodes (`export`, `import`, `export_template`) are in `moves`, live
+//! moves (peer-to-peer migration of a running VM) in `live`. `list`
 //! answers only the domains whose overlay is in this driver's `vm_dir`, so agents sharing one
 //! libvirtd never see each other's VMs.
 
+mod live;
 mod moves;
 mod ops;
 
@@ -27,7 +29,10 @@ use serde::{Deserialize, Serialize};
 
 use super::addresses::{AddressBook, AddressConfig, AddressError};
 use super::domain_xml::{DomainType, NetworkMode};
-use super::{Console, DriverError, ExecOutput, ExportedDisk, ExportedTemplate, GuestStatus, Hypervisor, PrepareSpec, VmSpec, VmStats};
+use super::{
+    Console, DriverError, ExecOutput, ExportedDisk, ExportedTemplate, GuestStatus, Hypervisor, LiveSource, LiveTarget, PrepareSpec, VmSpec,
+    VmStats,
+};
 use crate::guest::{CommandChannel, GuestError};
 
 #[derive(Debug, thiserror::Error)]
@@ -53,6 +58,8 @@ pub struct LibvirtConfig {
     pub vm_dir: PathBuf,
     /// Where VNC displays listen; also the host handed out in `Console`.
     pub vnc_listen: String,
+    /// The first of the 2000 ports VNC displays take (the lowest free one is taken).
+    pub vnc_first_port: u16,
     pub network: NetworkMode,
     pub emulator: String,
     pub machine: String,
@@ -66,6 +73,12 @@ pub struct LibvirtConfig {
     pub prepare_command: Option<String>,
     /// The longest a command through the channel may take.
     pub guest_timeout_secs: u64,
+    /// How other nodes' libvirtd reach this node's for a live move to it (e.g.
+    /// `qemu+tls://node-b.example/system`); without it, this node takes no live moves.
+    pub peer_uri: Option<String>,
+    /// Where a live move to this node sends the memory and disk (e.g. `tcp://10.0.0.2`);
+    /// default: libvirt's (this host's name).
+    pub migrate_uri: Option<String>,
 }
 
 impl Default for LibvirtConfig {
@@ -75,6 +88,7 @@ impl Default for LibvirtConfig {
             templates_dir: "/var/lib/guaca-hive/templates".into(),
             vm_dir: "/var/lib/guaca-hive/vms".into(),
             vnc_listen: "127.0.0.1".into(),
+            vnc_first_port: 5900,
             network: NetworkMode::None,
             emulator: "/usr/bin/qemu-system-x86_64".into(),
             machine: "q35".into(),
@@ -83,6 +97,8 @@ impl Default for LibvirtConfig {
             addresses: None,
             prepare_command: None,
             guest_timeout_secs: 30,
+            peer_uri: None,
+            migrate_uri: None,
         }
     }
 }
@@ -308,8 +324,27 @@ impl Hypervisor for LibvirtHypervisor {
         let name = name.to_string();
         self.blocking(move |s| moves::export_template(s, &name)).await
     }
+
+    async fn live_source(&self, domain: &str) -> Result<LiveSource, DriverError> {
+        let name = domain.to_string();
+        self.blocking(move |s| live::live_source(s, &name)).await
+    }
+
+    async fn prepare_incoming(&self, spec: &VmSpec, source: &LiveSource) -> Result<LiveTarget, DriverError> {
+        let (spec, source) = (spec.clone(), source.clone());
+        self.blocking(move |s| live::prepare_incoming(s, &spec, &source)).await
+    }
+
+    async fn migrate_live(&self, domain: &str, target: &LiveTarget) -> Result<(), DriverError> {
+        let (name, target) = (domain.to_string(), target.clone());
+        self.blocking(move |s| live::migrate_live(s, &name, &target)).await
+    }
 }
 
+#[cfg(test)]
+mod live_move_tests;
+#[cfg(test)]
+mod live_tests;
 #[cfg(test)]
 mod move_tests;
 #[cfg(test)]

@@ -15,39 +15,39 @@ use super::*;
 use crate::drivers::{CLEAN_SNAPSHOT, DiskRef, ExportedTemplate, is_missing_template};
 
 const PRIVATE_URI: &str = "qemu:///system?socket=/run/guaca-hive/libvirt/libvirt-sock";
-const TEMPLATE: &str = "bootdisk";
+pub(super) const TEMPLATE: &str = "bootdisk";
 
 /// Run one of the project's (idempotent) scripts and answer the last line it printed.
-fn script(name: &str) -> String {
+pub(super) fn script(name: &str) -> String {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts").join(name);
     let out = Command::new(&path).output().unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     assert!(out.status.success(), "{name} failed ({}); run scripts/test-deps.sh as root first", String::from_utf8_lossy(&out.stderr));
     String::from_utf8_lossy(&out.stdout).lines().last().unwrap_or_default().trim().to_string()
 }
 
-fn run(cmd: &mut Command) -> String {
+pub(super) fn run(cmd: &mut Command) -> String {
     let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}: run scripts/test-deps.sh"));
     assert!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-fn unique(tag: &str) -> String {
+pub(super) fn unique(tag: &str) -> String {
     format!("hive-move-{tag}-{:08x}", rand::random::<u32>())
 }
 
-fn sha256_hex(path: &Path) -> String {
+pub(super) fn sha256_hex(path: &Path) -> String {
     hex::encode(Sha256::digest(std::fs::read(path).unwrap()))
 }
 
 /// The guest's disk as a qcow2 image, and the line it prints once up.
-struct Guest {
-    image: PathBuf,
-    ready: String,
+pub(super) struct Guest {
+    pub image: PathBuf,
+    pub ready: String,
     _dir: tempfile::TempDir,
 }
 
 impl Guest {
-    fn new() -> Self {
+    pub(super) fn new() -> Self {
         let built = PathBuf::from(script("build-test-guest-disk.sh"));
         let ready = std::fs::read_to_string(built.join("ready")).unwrap().trim().to_string();
         let dir = tempfile::tempdir().unwrap();
@@ -59,16 +59,23 @@ impl Guest {
 
 /// One "node": a driver with its own directories on the shared libvirtd. Dropping it removes
 /// every domain with an overlay in its `vm_dir`, so a failed test leaves no QEMU running.
-struct Node {
-    cfg: LibvirtConfig,
-    hv: LibvirtHypervisor,
+pub(super) struct Node {
+    pub cfg: LibvirtConfig,
+    pub hv: LibvirtHypervisor,
     _dir: tempfile::TempDir,
 }
 
 impl Node {
-    fn new() -> Self {
+    pub(super) fn new() -> Self {
         let uri = script("libvirt-up.sh");
         assert_eq!(uri, PRIVATE_URI);
+        Self::on(uri, None)
+    }
+
+    /// A node on libvirtd `uri`, taking live moves through `peer_uri` (memory and disks sent
+    /// to 127.0.0.1) if given.
+    pub(super) fn on(uri: String, peer_uri: Option<String>) -> Self {
+        let migrate_uri = peer_uri.as_ref().map(|_| "tcp://127.0.0.1".to_string());
         let accel = script("accel.sh");
         let dir = tempfile::tempdir().unwrap();
         // QEMU runs as another user, which must reach the overlays and templates.
@@ -78,6 +85,11 @@ impl Node {
             templates_dir: dir.path().join("templates"),
             vm_dir: dir.path().join("vms"),
             domain_type: Some(if accel == "kvm" { DomainType::Kvm } else { DomainType::Qemu }),
+            // The peer's displays apart from the main daemon's: neither sees the other's
+            // defined (not yet started) domains' ports.
+            vnc_first_port: if peer_uri.is_some() { 7900 } else { 5900 },
+            peer_uri,
+            migrate_uri,
             ..LibvirtConfig::default()
         };
         std::fs::create_dir_all(&cfg.templates_dir).unwrap();
@@ -85,29 +97,29 @@ impl Node {
         Self { cfg, hv, _dir: dir }
     }
 
-    async fn install(&self, guest: &Guest) {
+    pub(super) async fn install(&self, guest: &Guest) {
         self.hv.install_template(TEMPLATE, &guest.image, Some(&guest.ready)).await.unwrap();
     }
 
-    fn overlay(&self, name: &str) -> PathBuf {
+    pub(super) fn overlay(&self, name: &str) -> PathBuf {
         self.cfg.vm_dir.join(format!("{name}.qcow2"))
     }
 
-    fn template_disk(&self) -> PathBuf {
+    pub(super) fn template_disk(&self) -> PathBuf {
         self.cfg.templates_dir.join(TEMPLATE).join("disk.qcow2")
     }
 
-    async fn list(&self) -> Vec<String> {
+    pub(super) async fn list(&self) -> Vec<String> {
         self.hv.list().await.unwrap()
     }
 
-    fn vm_files(&self) -> Vec<String> {
+    pub(super) fn vm_files(&self) -> Vec<String> {
         let entries = std::fs::read_dir(&self.cfg.vm_dir).unwrap();
         entries.map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect()
     }
 
     /// Poll the guest until it answers (its ready line on the console), with a deadline.
-    async fn up(&self, name: &str) {
+    pub(super) async fn up(&self, name: &str) {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(240);
         loop {
             match self.hv.ping(name).await {
@@ -149,7 +161,7 @@ fn defined(name: &str) -> bool {
     found
 }
 
-fn spec(name: &str) -> VmSpec {
+pub(super) fn spec(name: &str) -> VmSpec {
     VmSpec { name: name.into(), template: TEMPLATE.into(), cores: 1, ram_mb: 256, disk_mb: 64 }
 }
 

@@ -107,7 +107,7 @@ pub(super) fn overlay_path(s: &Shared, name: &str) -> PathBuf {
     s.cfg.vm_dir.join(format!("{name}.qcow2"))
 }
 
-fn serial_path(s: &Shared, name: &str) -> PathBuf {
+pub(super) fn serial_path(s: &Shared, name: &str) -> PathBuf {
     s.cfg.vm_dir.join(format!("{name}.serial"))
 }
 
@@ -121,7 +121,7 @@ pub(super) fn ready_path(s: &Shared, name: &str) -> PathBuf {
     s.cfg.vm_dir.join(format!("{name}.ready"))
 }
 
-fn qemu_img_overlay(s: &Shared, tpl: &TemplateFiles, overlay: &Path) -> Result<(), DriverError> {
+pub(super) fn qemu_img_overlay(s: &Shared, tpl: &TemplateFiles, overlay: &Path) -> Result<(), DriverError> {
     // The backing path is stored in the overlay: it must not depend on our working directory.
     let backing =
         std::fs::canonicalize(&tpl.disk).map_err(|e| DriverError::Failed(format!("template disk {}: {e}", tpl.disk.display())))?;
@@ -192,19 +192,19 @@ pub(super) fn define_or_clean_up(
 /// VNC displays get the first fixed port from here on that no domain's definition holds and
 /// nothing listens on. Fixed, because reverting to a live snapshot restarts QEMU, and with
 /// autoport the display could come back on another port than the one the pool handed out.
-const VNC_FIRST_PORT: u16 = 5900;
 const VNC_PORTS: u16 = 2000;
 
-fn free_vnc_port(s: &Shared, conn: &Connect) -> Result<u16, DriverError> {
+pub(super) fn free_vnc_port(s: &Shared, conn: &Connect) -> Result<u16, DriverError> {
     let mut used = std::collections::HashSet::new();
     for d in conn.list_all_domains(0).map_err(failed)? {
         if let Ok(Some(v)) = d.get_xml_desc(sys::VIR_DOMAIN_XML_INACTIVE).map(|x| domain_xml::parse_vnc(&x).ok().flatten()) {
             used.extend(v.port);
         }
     }
-    (VNC_FIRST_PORT..VNC_FIRST_PORT + VNC_PORTS)
+    let first = s.cfg.vnc_first_port;
+    (first..first.saturating_add(VNC_PORTS))
         .find(|p| !used.contains(p) && std::net::TcpListener::bind((s.cfg.vnc_listen.as_str(), *p)).is_ok())
-        .ok_or_else(|| DriverError::Failed(format!("no free VNC port in {VNC_FIRST_PORT}..{}", VNC_FIRST_PORT + VNC_PORTS)))
+        .ok_or_else(|| DriverError::Failed(format!("no free VNC port in {first}..{}", first.saturating_add(VNC_PORTS))))
 }
 
 fn define(s: &Shared, conn: &Connect, spec: &VmSpec, tpl: &TemplateFiles, overlay: &Path) -> Result<(), DriverError> {
