@@ -1,8 +1,9 @@
 //! Moving a pool's VM to another node (admin): `POST /api/v1/pools/{pool}/vms/{vm}/move` with
-//! `{"node": <id>}` begins a cold move and answers 202 with the move; `GET` on the same path
-//! shows the VM's last move (`moving`, `done` or `failed` with its cause). The target must be
-//! a connected, ready node that takes new VMs and runs the VM's driver; the VM must be FREE or
-//! READY. Anything else is refused with the reason and changes nothing.
+//! `{"node": <id>}` begins a move and answers 202 with the move: cold for a FREE or READY VM,
+//! live for an OCCUPIED one (libvirt nodes only). `GET` on the same path shows the VM's last
+//! move (`moving`, `done` or `failed` with its cause). The target must be a connected, ready
+//! node that takes new VMs and runs the VM's driver. Anything else is refused with the reason
+//! and changes nothing.
 
 use serde::Deserialize;
 use warp::Filter;
@@ -16,6 +17,7 @@ use super::reply::{self, ApiResult, uint};
 use super::{auth, body, timed, with_hive};
 use crate::app::Hive;
 use crate::domain::node::{AdminState, NodeState};
+use crate::domain::vm::VmState;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -60,11 +62,16 @@ async fn start(hive: Hive, pool: String, vm: String, auth: Option<String>, body:
         ));
     }
     let snapshot = pool.status().await?;
-    if let Some(source) = snapshot.vms.iter().find(|v| v.id == vm).and_then(|v| v.placement.as_ref()) {
-        if let Ok(from) = nodes.get(source.node).await {
-            if from.driver != target.driver {
-                return refuse(format!("it runs the {} driver and the VM's node the {} driver", target.driver, from.driver));
+    if let Some(v) = snapshot.vms.iter().find(|v| v.id == vm) {
+        if let Some(from) = v.placement.as_ref() {
+            if let Ok(from) = nodes.get(from.node).await {
+                if from.driver != target.driver {
+                    return refuse(format!("it runs the {} driver and the VM's node the {} driver", target.driver, from.driver));
+                }
             }
+        }
+        if v.state == VmState::Occupied && target.driver != "libvirt" {
+            return refuse(format!("the VM is in use, so it would move live, which the {} driver cannot do", target.driver));
         }
     }
     let view = pool.move_vm(vm, req.node).await?;

@@ -35,7 +35,7 @@ pub(crate) fn virsh(uri: &str, args: &[&str]) -> std::process::Output {
 
 /// What the guest's shell answers on the serial console to `command`, which must print
 /// `marker` (built so that the echoed command line itself does not contain it).
-async fn serial(socket: &Path, command: &str, marker: &str) -> String {
+pub(crate) async fn serial(socket: &Path, command: &str, marker: &str) -> String {
     let mut s = until("the serial console accepts a client", Duration::from_secs(30), || async {
         tokio::net::UnixStream::connect(socket).await.ok()
     })

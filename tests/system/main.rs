@@ -34,6 +34,8 @@ mod moves;
 mod moves_agents;
 #[cfg(feature = "libvirt")]
 mod moves_libvirt;
+#[cfg(feature = "libvirt")]
+mod moves_live;
 mod multi;
 mod nodes_admin;
 mod observability;

@@ -102,7 +102,7 @@ async fn a_free_and_a_ready_vm_move_between_simulated_nodes_and_bad_moves_change
 
     // A free VM moves and is free on its new node.
     let m = move_and_wait(c, base, ADMIN, "mv", vm, to, Duration::from_secs(20)).await;
-    assert_eq!(m["status"], "done", "{m}");
+    assert_eq!((m["status"].as_str(), m["mode"].as_str()), (Some("done"), Some("cold")), "{m}");
     assert_eq!((m["from"].as_u64(), m["to"].as_u64()), (Some(from), Some(to)));
     assert!(m["domain"].as_str().is_some_and(|d| d.contains(&format!("-n{to}"))), "{m}");
     let after = vms(c, base, "mv").await;
@@ -137,9 +137,12 @@ async fn a_free_and_a_ready_vm_move_between_simulated_nodes_and_bad_moves_change
         got.push(h);
     }
     assert!(got.contains(&vm), "the moved VM is handed out too: {got:?}");
-    // An occupied VM does not move: its user would lose the running session.
+    // An occupied VM moves only live, which simulated nodes cannot do: refused, nothing changes.
+    let before = vms(c, base, "mv").await;
+    assert!(before.contains(&(vm, "occupied".into(), from)), "{before:?}");
     let (s, e) = call(c, base, Some(ADMIN), "POST", &path, Some(json!({"node": to}))).await;
-    assert_eq!((s, e.to_string().contains("occupied")), (400, true), "{e}");
+    assert_eq!((s, e.to_string().contains("would move live")), (409, true), "{e}");
+    assert_eq!(vms(c, base, "mv").await, before);
 }
 
 #[tokio::test]

@@ -104,12 +104,13 @@ pub(super) async fn run_effect(
                 ended_at: to,
             }));
         }
-        Effect::Move { vm, op, from, to } => {
+        Effect::Move { vm, op, from, to, live } => {
             let job = super::moves::MoveJob {
                 key: key(&st.args, vm),
                 op,
                 from,
                 to,
+                live,
                 spec: st.args.vm_spec.clone(),
                 boot_timeout: Duration::from_millis(st.args.rules.timeouts.booting),
                 images: st.args.images.clone(),

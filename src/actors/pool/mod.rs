@@ -22,6 +22,7 @@ mod effects;
 mod handle;
 mod hooks;
 pub mod moves;
+mod moves_live;
 mod reports;
 
 pub use handle::PoolHandle;
@@ -150,7 +151,7 @@ pub enum PoolMsg {
         reply: Reply<HandleView>,
     },
     Report(DriverReport),
-    /// Move a FREE or READY VM to another node (cold); answered once the move has begun.
+    /// Move a VM to another node (FREE or READY: cold; OCCUPIED: live); answered once the move has begun.
     MoveVm {
         vm: VmId,
         to: NodeId,

@@ -1,7 +1,8 @@
-//! The mover: carries out `Effect::Move` for a pool's VM (a cold move to another node) in a
-//! spawned task, and keeps the last move of each VM for the API.
+//! The mover: carries out `Effect::Move` for a pool's VM in a spawned task, and keeps the last
+//! move of each VM for the API. Live moves (an OCCUPIED VM, migrated running) are in
+//! `moves_live`; this is the cold one.
 //!
-//! Steps: the target node's capacity is claimed; the source stops the domain and exports its
+//! Cold steps: the target node's capacity is claimed; the source stops the domain and exports its
 //! disk (an overlay on its template); the target imports it (if it lacks the template, the
 //! source exports that too and the target installs it, after which the import is tried again;
 //! a template of that name with other content is refused by the target); the target starts
@@ -31,6 +32,9 @@ pub struct MoveView {
     pub vm: VmId,
     pub from: NodeId,
     pub to: NodeId,
+    /// `cold` (a free or ready VM: stopped, copied, booted there) or `live` (an occupied VM,
+    /// migrated running).
+    pub mode: &'static str,
     /// `moving`, `done` or `failed`.
     pub status: &'static str,
     /// The domain on the new node once done.
@@ -48,6 +52,7 @@ impl MoveView {
             vm: m.vm,
             from: m.from.node,
             to: m.to,
+            mode: if m.live { "live" } else { "cold" },
             status: "moving",
             domain: None,
             error: None,
@@ -86,6 +91,7 @@ pub struct MoveJob {
     pub op: u64,
     pub from: Placement,
     pub to: NodeId,
+    pub live: bool,
     pub spec: VmSpec,
     pub boot_timeout: Duration,
     pub images: Option<ImageRegistry>,
@@ -98,52 +104,69 @@ pub struct MoveJob {
 pub async fn run(job: MoveJob) {
     let (vm, op) = (job.key.vm, job.op);
     let started = std::time::Instant::now();
-    let outcome = match move_vm(&job).await {
+    let moved = if job.live { super::moves_live::move_vm(&job).await } else { move_vm(&job).await };
+    let outcome = match moved {
         Ok((placement, address, driver)) => {
-            tracing::info!(vm, from = job.from.node, to = job.to, domain = %placement.domain, duration_ms = started.elapsed().as_millis() as u64, "VM moved");
+            tracing::info!(vm, from = job.from.node, to = job.to, live = job.live, domain = %placement.domain, duration_ms = started.elapsed().as_millis() as u64, "VM moved");
             if let Some(s) = &job.session {
                 let _ = s.cast(SessionMsg::Placed { placement: placement.clone(), driver });
             }
             MoveOutcome::Done { placement, address }
         }
         Err(Failure { error, restored }) => {
-            tracing::warn!(vm, from = job.from.node, to = job.to, error = %error, restored, "VM move failed");
+            tracing::warn!(vm, from = job.from.node, to = job.to, live = job.live, error = %error, restored, "VM move failed");
             MoveOutcome::Failed { error, restored }
         }
     };
     job.pool.report(DriverReport::Moved { vm, op, outcome });
 }
 
-struct Failure {
-    error: String,
-    restored: bool,
+pub(super) struct Failure {
+    pub error: String,
+    pub restored: bool,
 }
 
 /// The source is untouched: the VM still runs where it was.
-fn untouched(error: String) -> Failure {
+pub(super) fn untouched(error: String) -> Failure {
     Failure { error, restored: true }
 }
 
-async fn move_vm(job: &MoveJob) -> Result<(Placement, VmAddress, Arc<dyn Hypervisor>), Failure> {
+pub(super) type Moved = (Placement, VmAddress, Arc<dyn Hypervisor>);
+
+/// Both nodes' drivers (of one kind), with the VM's capacity claimed on the target; what the
+/// target's claim answered.
+pub(super) async fn claim_target(
+    job: &MoveJob,
+) -> Result<(Arc<dyn Hypervisor>, Arc<dyn Hypervisor>, crate::actors::node::Placed), Failure> {
     let (from, to) = (job.from.node, job.to);
     let src = job.nodes.driver(from).await.map_err(|e| untouched(format!("source node {from}: {e}")))?;
     let dst = job.nodes.driver(to).await.map_err(|e| untouched(format!("target node {to}: {e}")))?;
     if src.kind() != dst.kind() {
         return Err(untouched(format!("node {from} runs the {} driver and node {to} the {} driver", src.kind(), dst.kind())));
     }
-    let placed = match job.nodes.claim(to, &job.key, &job.spec).await {
-        Ok(p) => p,
+    match job.nodes.claim(to, &job.key, &job.spec).await {
+        Ok(p) => Ok((src, dst, p)),
         Err(e) => {
             reclaim(job, from).await;
-            return Err(untouched(format!("target node {to}: {e}")));
+            Err(untouched(format!("target node {to}: {e}")))
         }
-    };
+    }
+}
+
+/// The domain name a move gives the VM on node `to`.
+pub(super) fn moved_name(job: &MoveJob) -> String {
+    format!("{}-{}-n{}", job.key.pool, job.key.vm, job.to)
+}
+
+async fn move_vm(job: &MoveJob) -> Result<Moved, Failure> {
+    let (from, to) = (job.from.node, job.to);
+    let (src, dst, placed) = claim_target(job).await?;
     let exported = match src.export(&job.from.domain).await {
         Ok(x) => x,
         Err(e) => return Err(restore(job, &src, format!("exporting from node {from}: {e}")).await),
     };
     let mut shipped = Vec::new();
-    let spec = VmSpec { name: format!("{}-{}-n{to}", job.key.pool, job.key.vm), ..job.spec.clone() };
+    let spec = VmSpec { name: moved_name(job), ..job.spec.clone() };
     let result = async {
         let domain = match dst.import(&spec, &exported).await {
             Err(e) if is_missing_template(&e).is_some() => {
@@ -219,14 +242,14 @@ async fn restore(job: &MoveJob, src: &Arc<dyn Hypervisor>, error: String) -> Fai
     }
 }
 
-async fn reclaim(job: &MoveJob, node: NodeId) {
+pub(super) async fn reclaim(job: &MoveJob, node: NodeId) {
     if let Err(e) = job.nodes.claim(node, &job.key, &job.spec).await {
         tracing::warn!(vm = job.key.vm, node.id = node, error = %e, "cannot hold the VM's capacity on its node again");
     }
 }
 
 /// Delete the registry images this move's exports added.
-async fn forget_images(job: &MoveJob, disks: &[DiskRef]) {
+pub(super) async fn forget_images(job: &MoveJob, disks: &[DiskRef]) {
     for d in disks {
         if let DiskRef::Image { sha256, fresh: true } = d {
             match &job.images {

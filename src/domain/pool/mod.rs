@@ -165,12 +165,14 @@ pub enum Effect {
         handle: HandleId,
         ends_at: Millis,
     },
-    /// Move the VM's domain to node `to` (cold: stop, copy, start there); report with `moved`.
+    /// Move the VM's domain to node `to` (cold: stop, copy, start there; `live`: migrate it
+    /// running); report with `moved` or `move_failed`.
     Move {
         vm: VmId,
         op: u64,
         from: Placement,
         to: NodeId,
+        live: bool,
     },
     /// A user's time on a VM ended (released, expired or lost): a row of the rewards ledger.
     Served {
@@ -257,6 +259,8 @@ pub struct PoolState {
     /// VMs on their way to another node (in WAIT meanwhile). Not stored: a restart fails the
     /// move like any step in flight.
     pub(crate) moves: BTreeMap<VmId, moves::Moving>,
+    /// OCCUPIED VMs moved live: their clean snapshot stayed behind, so they are replaced, not cleaned, once released.
+    pub(crate) moved_live: BTreeSet<VmId>,
 }
 
 impl PoolState {
@@ -281,6 +285,7 @@ impl PoolState {
             node_use: BTreeMap::new(),
             warned: BTreeSet::new(),
             moves: BTreeMap::new(),
+            moved_live: BTreeSet::new(),
         }
     }
 
@@ -560,6 +565,7 @@ impl PoolState {
         if let Some(v) = self.vms.remove(&vm) {
             // A move in flight reports to a VM that is gone: its new domain is destroyed then.
             self.moves.remove(&vm);
+            self.moved_live.remove(&vm);
             self.dirty.vms.insert(vm);
             self.effects.push(Effect::Kill { vm, placement: v.placement });
         }
@@ -580,9 +586,7 @@ impl PoolState {
         match h.vm {
             Some(vm) => {
                 self.served(handle, vm, now);
-                if self.vms.get(&vm).is_some_and(|v| v.state == VmState::Occupied) {
-                    self.start_cleanup(vm, now);
-                }
+                self.vm_released(vm, now);
             }
             None => self.pending.retain(|p| p.handle != handle),
         }

@@ -16,7 +16,7 @@ fn moves(p: &mut PoolState) -> Vec<(VmId, u64, Placement, NodeId)> {
     p.take_effects()
         .into_iter()
         .filter_map(|e| match e {
-            Effect::Move { vm, op, from, to } => Some((vm, op, from, to)),
+            Effect::Move { vm, op, from, to, .. } => Some((vm, op, from, to)),
             _ => None,
         })
         .collect()
@@ -73,10 +73,12 @@ fn refused_moves_change_nothing() {
     let b = p.prepare_batch(1, "http://home".into(), T0).unwrap();
     p.settle_instantly(T0);
     let h = p.lock(b, T0).unwrap();
-    let occupied = p.handle(h).unwrap().vm.unwrap();
+    let cleaning = p.handle(h).unwrap().vm.unwrap();
+    p.release(h, T0).unwrap();
+    assert_eq!(p.vm(cleaning).unwrap().state, VmState::Wait);
     let before = p.snapshot();
     assert!(matches!(p.start_move(99, 2, T0), Err(PoolInputError::UnknownVm(99))));
-    assert!(matches!(p.start_move(occupied, 2, T0), Err(PoolInputError::Invalid { field: "vm", .. })));
+    assert!(matches!(p.start_move(cleaning, 2, T0), Err(PoolInputError::Invalid { field: "vm", .. })), "being cleaned");
     let free = p.vms().find(|v| v.state == VmState::Free).unwrap().id;
     assert!(matches!(p.start_move(free, 1, T0), Err(PoolInputError::Invalid { field: "node", .. })), "already there");
     assert_eq!(p.snapshot(), before);
@@ -123,4 +125,89 @@ fn a_vm_that_left_the_pool_during_its_move_has_its_new_domain_destroyed() {
     q.moved(1, old, at(2, 1), VmAddress::default(), T0 + 2);
     assert_eq!(q.vm(1).unwrap().placement.as_ref().map(|p| p.node), Some(1));
     assert!(q.take_effects().contains(&Effect::Destroy { vm: 1, placement: at(2, 1) }));
+}
+
+/// A pool of two with VM 1 held by a user; answers the handle.
+fn occupied() -> (PoolState, HandleId) {
+    let mut p = settled(2);
+    let b = p.prepare_batch(1, "http://home".into(), T0).unwrap();
+    p.settle_instantly(T0);
+    let h = p.lock(b, T0).unwrap();
+    assert_eq!(p.handle(h).unwrap().vm, Some(1));
+    p.take_effects();
+    (p, h)
+}
+
+fn live_move(p: &mut PoolState, vm: VmId, to: NodeId, now: Millis) -> u64 {
+    let started = p.start_move(vm, to, now).unwrap();
+    assert!(started.live);
+    let e = p.take_effects();
+    assert!(e.iter().any(|e| matches!(e, Effect::Move { vm: v, live: true, .. } if *v == vm)), "{e:?}");
+    started.op
+}
+
+#[test]
+fn an_occupied_vm_moves_live_keeps_its_user_and_is_replaced_once_released() {
+    let (mut p, h) = occupied();
+    let op = live_move(&mut p, 1, 2, T0 + 1);
+    assert_eq!(p.vm(1).unwrap().state, VmState::Occupied, "its user keeps it while it moves");
+    let later = T0 + PoolRules::default().timeouts.healthy + 1;
+    p.tick(later);
+    assert_eq!(p.handle(h).unwrap().vm, Some(1), "no health timeout while it moves");
+    let address = VmAddress { vnc_port: 5903, ..VmAddress::default() };
+    p.moved(1, op, at(2, 1), address.clone(), later + 1);
+    let v = p.vm(1).unwrap();
+    assert_eq!((v.state, v.placement.clone(), v.address.clone()), (VmState::Occupied, Some(at(2, 1)), address));
+    assert_eq!(p.handle(h).unwrap().vm, Some(1));
+    p.check_invariants().unwrap();
+    p.take_effects();
+    // Its clean snapshot stayed on node 1: once released it is replaced, not cleaned.
+    p.release(h, later + 2).unwrap();
+    let e = p.take_effects();
+    assert!(e.contains(&Effect::Kill { vm: 1, placement: Some(at(2, 1)) }), "{e:?}");
+    assert!(!e.iter().any(|e| matches!(e, Effect::Cleanup { vm: 1, .. })), "{e:?}");
+    assert!(p.vm(1).is_none());
+    p.check_invariants().unwrap();
+}
+
+#[test]
+fn a_user_who_leaves_during_a_live_move_gets_the_vm_cleaned_or_replaced_after_it() {
+    // Moved: replaced on its new node.
+    let (mut p, h) = occupied();
+    let op = live_move(&mut p, 1, 2, T0);
+    p.release(h, T0 + 1).unwrap();
+    assert_eq!(p.vm(1).unwrap().state, VmState::Wait, "waits for the move");
+    assert!(!p.take_effects().iter().any(|e| matches!(e, Effect::Cleanup { .. } | Effect::Kill { .. })));
+    p.check_invariants().unwrap();
+    p.moved(1, op, at(2, 1), VmAddress::default(), T0 + 2);
+    assert!(p.take_effects().contains(&Effect::Kill { vm: 1, placement: Some(at(2, 1)) }));
+    // Failed, still where it was: cleaned there as usual.
+    let (mut q, h) = occupied();
+    let op = live_move(&mut q, 1, 2, T0);
+    q.release(h, T0 + 1).unwrap();
+    q.move_failed(1, op, true, T0 + 2);
+    assert!(q.take_effects().iter().any(|e| matches!(e, Effect::Cleanup { vm: 1, .. })));
+    assert_eq!(q.vm(1).unwrap().placement.as_ref().map(|p| p.node), Some(1));
+    q.check_invariants().unwrap();
+}
+
+#[test]
+fn a_failed_live_move_leaves_the_user_on_the_old_node_or_loses_the_vm() {
+    let (mut p, h) = occupied();
+    let op = live_move(&mut p, 1, 2, T0);
+    p.move_failed(1, op, true, T0 + 1);
+    let v = p.vm(1).unwrap();
+    assert_eq!((v.state, v.placement.as_ref().map(|p| p.node)), (VmState::Occupied, Some(1)));
+    assert_eq!(p.handle(h).unwrap().vm, Some(1));
+    // Released later: cleaned, as it never left its clean snapshot's node.
+    p.release(h, T0 + 2).unwrap();
+    assert!(p.take_effects().iter().any(|e| matches!(e, Effect::Cleanup { vm: 1, .. })));
+
+    let (mut q, h) = occupied();
+    let op = live_move(&mut q, 1, 2, T0);
+    q.move_failed(1, op, false, T0 + 1);
+    assert!(q.vm(1).is_none(), "not restored: gone");
+    assert!(q.handle(h).is_none(), "and its user lost it");
+    assert!(q.take_effects().contains(&Effect::HandleEnded { handle: h, why: HandleEnd::VmLost }));
+    q.check_invariants().unwrap();
 }
