@@ -111,25 +111,7 @@ impl Migrations {
     // ---- endpoints and resources
 
     pub async fn add_endpoint(&self, role: Role, new: NewEndpoint) -> Result<Endpoint, MigrationError> {
-        if new.name.trim().is_empty() || new.name.len() > 100 {
-            return Err(MigrationError::Invalid("name: 1 to 100 characters".into()));
-        }
-        if !known_driver(&new.kind) {
-            return Err(MigrationError::Invalid(format!(
-                "type: {:?} is not one of {}",
-                new.kind,
-                crate::domain::migration::DRIVERS.join(", ")
-            )));
-        }
-        let mut e = Endpoint::new(role, new.name, new.kind, if new.params.is_null() { json!({}) } else { new.params });
-        match role {
-            Role::Source => {
-                source_spec(&e)?;
-            }
-            Role::Destination => {
-                destination_node(&e)?;
-            }
-        }
+        let mut e = checked_endpoint(role, new)?;
         match self.rows()?.insert_endpoint(&e).await? {
             Some(id) => e.id = id,
             None => return Err(MigrationError::Conflict(format!("a {} named {:?} exists", role.name(), e.name))),
@@ -466,17 +448,45 @@ impl Migrations {
     }
 
     /// Update a destination's or source's parameters (name, params), keeping its id.
+    /// Replace an endpoint's name, type and parameters, checked as when it was added; its
+    /// state (Up/Down) stays until the next heartbeat.
     pub async fn edit_endpoint(&self, role: Role, id: u64, new: NewEndpoint) -> Result<Endpoint, MigrationError> {
+        let checked = checked_endpoint(role, new)?;
         let mut e = self.endpoint(role, id).await?;
-        e.name = new.name;
-        e.kind = new.kind;
-        e.params = new.params;
+        e.name = checked.name;
+        e.kind = checked.kind;
+        e.params = checked.params;
         match self.rows()?.update_endpoint(&e).await? {
             EndpointUpdate::Done => Ok(e),
             EndpointUpdate::NotFound => Err(MigrationError::NotFound { what: role.name(), id: id.to_string() }),
             EndpointUpdate::NameTaken => Err(MigrationError::Conflict(format!("a {} named {:?} exists", role.name(), e.name))),
         }
     }
+}
+
+/// The endpoint `new` describes, checked: a name of 1 to 100 characters, a known type, and the
+/// parameters its role needs (what a source is read from; the node a destination names).
+fn checked_endpoint(role: Role, new: NewEndpoint) -> Result<Endpoint, MigrationError> {
+    if new.name.trim().is_empty() || new.name.len() > 100 {
+        return Err(MigrationError::Invalid("name: 1 to 100 characters".into()));
+    }
+    if !known_driver(&new.kind) {
+        return Err(MigrationError::Invalid(format!(
+            "type: {:?} is not one of {}",
+            new.kind,
+            crate::domain::migration::DRIVERS.join(", ")
+        )));
+    }
+    let e = Endpoint::new(role, new.name, new.kind, if new.params.is_null() { json!({}) } else { new.params });
+    match role {
+        Role::Source => {
+            source_spec(&e)?;
+        }
+        Role::Destination => {
+            destination_node(&e)?;
+        }
+    }
+    Ok(e)
 }
 
 enum Failure {

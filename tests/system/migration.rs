@@ -306,3 +306,45 @@ async fn endpoint_heartbeats_say_up_or_down_from_what_a_worker_reaches() {
     assert_eq!(state(&sources, &there["id"]), "Down", "{sources}");
     app.stop().await;
 }
+
+#[tokio::test]
+async fn an_endpoint_edit_is_checked_like_a_new_one_and_a_bad_one_changes_nothing() {
+    use crate::support::{ADMIN, TestApp};
+    let app = TestApp::spawn().await;
+    let c = reqwest::Client::new();
+    let call = |method: &str, path: String, body: Option<Value>| {
+        let mut r = c.request(method.parse().unwrap(), format!("{}{path}", app.base)).bearer_auth(ADMIN);
+        if let Some(b) = body {
+            r = r.json(&b);
+        }
+        async move {
+            let resp = r.send().await.expect("request");
+            (resp.status().as_u16(), resp.json::<Value>().await.unwrap_or(Value::Null))
+        }
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let src = json!({"name": "exports", "type": "file", "params": {"dir": dir.path()}});
+    let (s, made) = call("POST", "/api/v1/migration-sources".into(), Some(src)).await;
+    assert_eq!(s, 201, "{made}");
+    let (s, dst) = call("POST", "/api/v1/migration-destinations".into(), Some(json!({"name": "here", "type": "hive", "params": {}}))).await;
+    assert_eq!(s, 201, "{dst}");
+    let (source, dest) = (format!("/api/v1/migration-sources/{}", made["id"]), format!("/api/v1/migration-destinations/{}", dst["id"]));
+    let bad = [
+        (&source, json!({"name": " ", "type": "file", "params": {"dir": dir.path()}}), "name"),
+        (&source, json!({"name": "x".repeat(101), "type": "file", "params": {"dir": dir.path()}}), "name"),
+        (&source, json!({"name": "exports", "type": "floppy", "params": {}}), "type"),
+        (&source, json!({"name": "exports", "type": "file", "params": {}}), "dir"),
+        (&dest, json!({"name": "here", "type": "hive", "params": {"node": "ten"}}), "node"),
+    ];
+    for (path, body, names) in bad {
+        let (before_s, before) = call("GET", path.clone(), None).await;
+        assert_eq!(before_s, 200);
+        let (s, e) = call("PUT", path.clone(), Some(body.clone())).await;
+        assert_eq!(s, 400, "{body}: {e}");
+        assert!(e.to_string().contains(names), "{body}: {e}");
+        assert_eq!(call("GET", path.clone(), None).await.1, before, "{body} changed nothing");
+    }
+    // A good edit goes through.
+    let (s, e) = call("PUT", source.clone(), Some(json!({"name": "renamed", "type": "file", "params": {"dir": dir.path()}}))).await;
+    assert_eq!((s, e["name"].as_str()), (200, Some("renamed")), "{e}");
+}
