@@ -1,5 +1,5 @@
 //! `hive ctl`: a command-line client of the hive's HTTP API (images here; migrations in
-//! `ctl_migration.rs`). Long work shows a progress bar on stderr, hidden when stderr is not a
+//! `ctl_migration.rs`, moves of pool VMs in `ctl_vm.rs`). Long work shows a progress bar on stderr, hidden when stderr is not a
 //! terminal; results go to stdout. A refusal from the hive becomes `CtlError::Hive` carrying its
 //! code and message, and a non-zero exit.
 //! `image upload` hashes the file, creates the upload or resumes the one the hive already has
@@ -21,6 +21,8 @@ use crate::images::{ImageView, UploadSpec, UploadView};
 
 #[path = "ctl_migration.rs"]
 pub mod migration;
+#[path = "ctl_vm.rs"]
+pub mod vm;
 
 /// Consecutive `offset_mismatch` answers tolerated (another client moved the upload) before giving up.
 const MAX_REALIGN: u32 = 3;
@@ -48,6 +50,9 @@ pub enum CtlCmd {
     /// VM migrations, and the sources and destinations they move between.
     #[command(subcommand)]
     Migration(migration::MigrationCmd),
+    /// A pool's VMs: move one to another node.
+    #[command(subcommand)]
+    Vm(vm::VmCmd),
 }
 
 #[derive(Subcommand)]
@@ -94,6 +99,8 @@ pub enum CtlError {
     Usage(String),
     #[error("migration {id} ended {status}{}", .error.as_deref().map(|e| format!(": {e}")).unwrap_or_default())]
     MigrationFailed { id: u64, status: &'static str, error: Option<String> },
+    #[error("the move of VM {vm} failed: {error} ({})", if *.restored { "it runs where it was" } else { "it is lost and will be replaced" })]
+    MoveFailed { vm: u64, error: String, restored: bool },
 }
 
 /// Run one command; print a failure on stderr. The process exit code: 0 on success, else 1.
@@ -130,6 +137,7 @@ pub async fn run(args: CtlArgs) -> Result<(), CtlError> {
             println!("deleted {sha256}");
         }
         CtlCmd::Migration(cmd) => migration::run(&client, cmd).await?,
+        CtlCmd::Vm(cmd) => vm::run(&client, cmd).await?,
     }
     Ok(())
 }

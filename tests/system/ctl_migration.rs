@@ -8,7 +8,7 @@ use serde_json::{Value, json};
 use crate::support::{ADMIN, TestApp, hive_bin};
 
 /// Run `hive ctl <args>` with the admin token; answers (success, stdout, stderr).
-async fn ctl(app: &TestApp, args: &[&str]) -> (bool, String, String) {
+pub(crate) async fn ctl(app: &TestApp, args: &[&str]) -> (bool, String, String) {
     let mut cmd = tokio::process::Command::new(hive_bin());
     cmd.arg("ctl").arg("--hive").arg(&app.base).arg("--token").arg(ADMIN).args(args);
     cmd.env_remove("HIVE_ADMIN_TOKEN").stdin(std::process::Stdio::null());

@@ -190,3 +190,28 @@ async fn a_vm_moves_between_two_agents_through_the_registry_and_leaves_no_image_
     assert_eq!(held, (vm, Some(to)), "the moved VM, on its new node");
     drop(agents);
 }
+
+#[tokio::test]
+async fn hive_ctl_moves_a_vm_and_waits_for_the_end_and_reports_a_refusal() {
+    use crate::ctl_migration::ctl;
+    let app = TestApp::spawn().await;
+    let (c, base) = (&app.client, app.base.as_str());
+    let (s, p) = call(c, base, Some(ADMIN), "POST", "/api/v1/pools", Some(json!({"name": "cm", "min": 1, "max": 1}))).await;
+    assert_eq!(s, 201, "{p}");
+    let (vm, _, from) =
+        until("a free VM", Duration::from_secs(20), || async { vms(c, base, "cm").await.into_iter().find(|(_, s, _)| s == "free") }).await;
+    let to = if from == 1 { 2 } else { 1 };
+    let (vm_s, to_s) = (vm.to_string(), to.to_string());
+
+    let (ok, _, err) = ctl(&app, &["vm", "move", "cm", &vm_s, "--node", "99"]).await;
+    assert!(!ok && err.contains("no node 99") && err.contains("HTTP 404"), "{err}");
+    let (ok, out, err) = ctl(&app, &["vm", "move", "cm", &vm_s, "--node", &to_s, "--wait"]).await;
+    assert!(ok, "{err}");
+    let m: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    assert_eq!((m["status"].as_str(), m["mode"].as_str(), m["to"].as_u64()), (Some("done"), Some("cold"), Some(to)), "{m}");
+    assert!(vms(c, base, "cm").await.contains(&(vm, "free".into(), to)));
+    let (ok, out, err) = ctl(&app, &["vm", "move-status", "cm", &vm_s]).await;
+    assert!(ok && out.contains("\"done\""), "{out} {err}");
+    let (ok, _, err) = ctl(&app, &["vm", "move-status", "cm", "999"]).await;
+    assert!(!ok && err.contains("no_move"), "{err}");
+}
