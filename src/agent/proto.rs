@@ -175,6 +175,13 @@ pub enum HiveMsg {
     TunnelClose {
         tunnel: u64,
     },
+    /// Never sent: what the agent makes of a command frame it cannot read (from a newer hive),
+    /// so that it answers `Unsupported` at once instead of leaving the hive to its timeout.
+    #[serde(skip)]
+    UnreadableCommand {
+        id: u64,
+        error: String,
+    },
 }
 
 /// The hypervisor operations of `drivers::Hypervisor`, sent to a remote node.

@@ -25,8 +25,8 @@ use super::host::HostSampler;
 use super::images::{AgentImages, Caps};
 use super::proto::{AGENT_WS_PATH, AgentMsg, CmdOk, Command, Hello, HiveMsg, Offer, PROTOCOL_VERSION};
 use super::tunnel::Tunnels;
-use crate::drivers::Hypervisor;
 use crate::drivers::remote::execute;
+use crate::drivers::{DriverError, Hypervisor};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -377,6 +377,10 @@ async fn connect_once(l: &Link, host: &mut HostSampler) -> Result<Ended, AgentEr
                 Some(HiveMsg::TunnelData { tunnel, data }) => tunnels.data(tunnel, &data),
                 Some(HiveMsg::TunnelClose { tunnel }) => tunnels.close(tunnel),
                 Some(HiveMsg::Refused { reason }) => return Err(AgentError::Refused(reason)),
+                Some(HiveMsg::UnreadableCommand { id, error }) => {
+                    let why = format!("a command this node's agent cannot read ({error}): upgrade the agent");
+                    let _ = out_tx.send(AgentMsg::Reply { id, result: Err(DriverError::Unsupported(why)) });
+                }
                 Some(HiveMsg::Welcome { .. }) => {}
                 None => return Ok(Ended::AfterWelcome),
             },
@@ -389,7 +393,8 @@ fn text<T: Serialize>(m: &T) -> Message {
 }
 
 /// The next message from the hive; `None` when the connection ended. Frames that are not
-/// text, or text this agent cannot read (a newer hive), are skipped.
+/// text, or text this agent cannot read (a newer hive), are skipped, except a command with an
+/// id: that becomes `UnreadableCommand`, to be answered.
 async fn read<S>(rx: &mut S) -> Option<HiveMsg>
 where
     S: futures_util::Stream<Item = Result<Message, tungstenite::Error>> + Unpin,
@@ -398,10 +403,40 @@ where
         match rx.next().await? {
             Ok(Message::Text(t)) => match serde_json::from_str::<HiveMsg>(&t) {
                 Ok(m) => return Some(m),
-                Err(e) => tracing::warn!(error = %e, "unreadable frame from the hive"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "unreadable frame from the hive");
+                    let frame: serde_json::Value = serde_json::from_str(&t).unwrap_or_default();
+                    if let (Some("command"), Some(id)) = (frame["type"].as_str(), frame["id"].as_u64()) {
+                        return Some(HiveMsg::UnreadableCommand { id, error: e.to_string() });
+                    }
+                }
             },
             Ok(Message::Close(_)) | Err(_) => return None,
             Ok(_) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frames(texts: &[&str]) -> impl futures_util::Stream<Item = Result<Message, tungstenite::Error>> + Unpin {
+        futures_util::stream::iter(texts.iter().map(|t| Ok(Message::text(t.to_string()))).collect::<Vec<_>>())
+    }
+
+    #[tokio::test]
+    async fn a_command_this_agent_cannot_read_is_answered_and_other_unreadable_frames_are_skipped() {
+        let mut rx = frames(&[
+            r#"{"type":"something_new","x":1}"#,
+            r#"{"type":"command","id":9,"cmd":{"op":"teleport","to":"mars"}}"#,
+            r#"{"type":"command","id":10,"cmd":{"op":"list"}}"#,
+        ]);
+        match read(&mut rx).await {
+            Some(HiveMsg::UnreadableCommand { id: 9, error }) => assert!(error.contains("teleport"), "{error}"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(read(&mut rx).await, Some(HiveMsg::Command { id: 10, cmd: Command::List }));
+        assert_eq!(read(&mut rx).await, None);
     }
 }
