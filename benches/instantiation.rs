@@ -19,26 +19,16 @@ use std::time::{Duration, Instant};
 
 use guaca_hive::drivers::domain_xml::DomainType;
 use guaca_hive::drivers::libvirt::{LibvirtConfig, LibvirtHypervisor};
-use guaca_hive::drivers::{DriverError, Hypervisor, VmSpec};
+use guaca_hive::drivers::{Hypervisor, VmSpec};
 
-fn script(name: &str) -> String {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts").join(name);
-    let out = Command::new(&path).stderr(Stdio::inherit()).output().unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    assert!(out.status.success(), "{name} failed; run scripts/test-deps.sh as root first");
-    String::from_utf8_lossy(&out.stdout).lines().last().unwrap_or_default().trim().to_string()
-}
+mod real_vms;
+use real_vms::{Samples, script, until_ready, virsh};
 
 fn run(cmd: &mut Command) -> Duration {
     let t = Instant::now();
     let out = cmd.stdout(Stdio::null()).stderr(Stdio::piped()).output().expect("run a baseline command");
     assert!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
     t.elapsed()
-}
-
-fn virsh(uri: &str) -> Command {
-    let mut c = Command::new("virsh");
-    c.arg("-c").arg(uri);
-    c
 }
 
 /// Plain QEMU, no libvirt: from exec to the guest's ready line on its serial console.
@@ -66,31 +56,6 @@ fn plain_boot(tpl: &Path, accel: &str) -> Duration {
     let _ = child.kill();
     let _ = child.wait();
     took
-}
-
-#[derive(Default)]
-struct Samples(Vec<f64>);
-
-impl Samples {
-    fn push(&mut self, d: Duration) {
-        self.0.push(d.as_secs_f64());
-    }
-    fn median(&self) -> f64 {
-        let mut v = self.0.clone();
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    }
-}
-
-async fn until_ready(hv: &LibvirtHypervisor, domain: &str) {
-    let deadline = Instant::now() + Duration::from_secs(180);
-    loop {
-        match hv.ping(domain).await {
-            Ok(_) => return,
-            Err(DriverError::NotReady) if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(20)).await, // poll, bounded
-            Err(e) => panic!("{domain}: {e}"),
-        }
-    }
 }
 
 #[tokio::main]

@@ -18,50 +18,21 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use guaca_hive::drivers::domain_xml::DomainType;
 use guaca_hive::drivers::libvirt::{LibvirtConfig, LibvirtHypervisor};
-use guaca_hive::drivers::{CLEAN_SNAPSHOT, DriverError, Hypervisor, VmSpec};
+use guaca_hive::drivers::{CLEAN_SNAPSHOT, Hypervisor, VmSpec};
+
+mod real_vms;
+use real_vms::{Samples, script, until_ready, virsh};
 
 const TEMPLATE: &str = "tiny";
-
-fn script(name: &str) -> String {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts").join(name);
-    let out = Command::new(&path).stderr(Stdio::inherit()).output().unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    assert!(out.status.success(), "{name} failed; run scripts/test-deps.sh as root first");
-    String::from_utf8_lossy(&out.stdout).lines().last().unwrap_or_default().trim().to_string()
-}
 
 fn run(cmd: &mut Command) -> String {
     let out = cmd.stderr(Stdio::piped()).output().expect("run a baseline command");
     assert!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn virsh(uri: &str) -> Command {
-    let mut c = Command::new("virsh");
-    c.arg("-c").arg(uri);
-    c
-}
-
-#[derive(Default)]
-struct Samples(Vec<f64>);
-
-impl Samples {
-    fn push(&mut self, secs: f64) {
-        self.0.push(secs);
-    }
-    fn median(&self) -> f64 {
-        let mut v = self.0.clone();
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    }
-    fn range(&self) -> (f64, f64) {
-        let min = self.0.iter().copied().fold(f64::INFINITY, f64::min);
-        let max = self.0.iter().copied().fold(0.0, f64::max);
-        (min, max)
-    }
 }
 
 struct Host {
@@ -93,17 +64,6 @@ async fn booted(h: &Host, name: &str) {
     h.hv.start(name).await.expect("start");
     until_ready(&h.hv, name).await;
     h.hv.snapshot(name, CLEAN_SNAPSHOT).await.expect("snapshot");
-}
-
-async fn until_ready(hv: &LibvirtHypervisor, domain: &str) {
-    let deadline = Instant::now() + Duration::from_secs(180);
-    loop {
-        match hv.ping(domain).await {
-            Ok(_) => return,
-            Err(DriverError::NotReady) if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(20)).await, // poll, bounded
-            Err(e) => panic!("{domain}: {e}"),
-        }
-    }
 }
 
 /// The guest's downtime in the migration that brought `domain` to `uri`, in seconds.
@@ -169,7 +129,7 @@ async fn main() {
         booted(&a, &frozen).await;
         let hive_first = round % 2 == 0;
         if !hive_first {
-            plain.push(virsh_migrate(&a, &b, &twin));
+            plain.0.push(virsh_migrate(&a, &b, &twin));
         }
         let t = Instant::now();
         let source = a.hv.live_source(&live).await.expect("live_source");
@@ -178,14 +138,14 @@ async fn main() {
         let target = b.hv.prepare_incoming(&spec, &source).await.expect("prepare_incoming");
         let t2 = t.elapsed().as_secs_f64();
         a.hv.migrate_live(&live, &target).await.expect("migrate_live");
-        hive.push(t.elapsed().as_secs_f64());
-        steps.0.push(t1);
-        steps.1.push(t2 - t1);
+        hive.push(t.elapsed());
+        steps.0.0.push(t1);
+        steps.1.0.push(t2 - t1);
         if hive_first {
-            plain.push(virsh_migrate(&a, &b, &twin));
+            plain.0.push(virsh_migrate(&a, &b, &twin));
         }
-        hive_down.push(downtime(&b.uri, &live));
-        plain_down.push(downtime(&b.uri, &twin));
+        hive_down.0.push(downtime(&b.uri, &live));
+        plain_down.0.push(downtime(&b.uri, &twin));
 
         let t = Instant::now();
         let disk = a.hv.export(&frozen).await.expect("export");
@@ -195,7 +155,7 @@ async fn main() {
         b.hv.start(&moved).await.expect("start");
         until_ready(&b.hv, &moved).await;
         b.hv.snapshot(&moved, CLEAN_SNAPSHOT).await.expect("snapshot");
-        cold.push(t.elapsed().as_secs_f64());
+        cold.push(t.elapsed());
 
         for d in [&live, &twin, &moved] {
             b.hv.destroy(d).await.expect("destroy on B");

@@ -5,30 +5,40 @@
 //! there. Each time the VM boots from its disk on the new node until the guest prints its
 //! ready line, and afterwards it serves a user. Nothing simulated.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use serde_json::json;
 
-use crate::agents::{Proc, join_token, start_hive};
+use crate::agents::{Hive, Proc, join_token, start_hive};
 use crate::libvirt_e2e::{REAL_VMS, script, virsh};
 use crate::moves::{call, move_and_wait, vms};
 use crate::support::until;
 
-const READY: &str = "guaca-hive test guest ready";
+pub(crate) const READY: &str = "guaca-hive test guest ready";
 
-fn agent(hive: &str, token: String, uri: &str, accel: &str, dir: &Path, name: &str) -> Proc {
+/// A `hive node --driver libvirt` on libvirtd `uri` with its own directories under `dir`. With
+/// `peer` it takes live moves: the URI the giving node's libvirtd dials (libvirt takes a
+/// destination on the same machine only as qemu+unix with a socket), memory and disks sent to
+/// 127.0.0.1, and its displays apart from the main daemon's (neither libvirtd sees the other's
+/// domains).
+pub(crate) fn agent(hive: &str, token: String, accel: &str, dir: &Path, name: &str, uri: &str, peer: Option<&str>) -> Proc {
+    let mut cmd = Command::new(crate::support::hive_bin());
+    cmd.args(["node", "--hive", hive, "--driver", "libvirt", "--libvirt-uri", uri, "--accel", accel])
+        .args(["--cores", "2", "--ram-mb", "2048", "--disk-mb", "10000", "--name", name])
+        .arg("--templates-dir")
+        .arg(dir.join("templates"))
+        .arg("--vm-dir")
+        .arg(dir.join("vms"))
+        .arg("--data-dir")
+        .arg(dir.join("node"));
+    if let Some(peer) = peer {
+        let dial = peer.replacen("qemu://", "qemu+unix://", 1);
+        cmd.args(["--libvirt-peer-uri", &dial, "--libvirt-migrate-uri", "tcp://127.0.0.1", "--vnc-first-port", "7900"]);
+    }
     Proc {
-        child: Command::new(crate::support::hive_bin())
-            .args(["node", "--hive", hive, "--driver", "libvirt", "--libvirt-uri", uri, "--accel", accel])
-            .args(["--cores", "2", "--ram-mb", "2048", "--disk-mb", "10000", "--name", name])
-            .arg("--templates-dir")
-            .arg(dir.join("templates"))
-            .arg("--vm-dir")
-            .arg(dir.join("vms"))
-            .arg("--data-dir")
-            .arg(dir.join("node"))
+        child: cmd
             .env("HIVE_NODE_TOKEN", token)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
@@ -36,6 +46,49 @@ fn agent(hive: &str, token: String, uri: &str, accel: &str, dir: &Path, name: &s
             .spawn()
             .expect("start a libvirt node"),
     }
+}
+
+/// Two nodes' directories, A holding template `desk` (the BIOS-bootable test disk, with its
+/// ready line) and B none, and a hive whose pool VMs use `desk`, no pool at start.
+pub(crate) struct TwoNodes {
+    pub dir: tempfile::TempDir,
+    pub a: PathBuf,
+    pub b: PathBuf,
+    pub hive: Hive,
+}
+
+pub(crate) fn two_nodes() -> TwoNodes {
+    let bootdisk = script("build-test-guest-disk.sh");
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    let template = a.join("templates/desk");
+    std::fs::create_dir_all(&template).unwrap();
+    std::fs::create_dir_all(b.join("templates")).unwrap();
+    let out = Command::new("qemu-img")
+        .args(["convert", "-f", "raw", "-O", "qcow2", &format!("{bootdisk}/bootable.raw")])
+        .arg(template.join("disk.qcow2"))
+        .output()
+        .expect("qemu-img runs");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    std::fs::write(template.join("ready"), READY).unwrap();
+    let env = [
+        ("HIVE_VM__TEMPLATE", "desk".to_string()),
+        ("HIVE_VM__CORES", "1".to_string()),
+        ("HIVE_VM__RAM_MB", "256".to_string()),
+        ("HIVE_VM__DISK_MB", "64".to_string()),
+        ("HIVE_POOL__DEFAULT_SIZE__MIN", "0".to_string()),
+    ];
+    let hive = start_hive(&dir.path().join("hive"), "127.0.0.1:0", &env);
+    TwoNodes { dir, a, b, hive }
+}
+
+/// The id of node `name` once it is ready.
+pub(crate) async fn node_id(c: &reqwest::Client, base: &str, name: &str) -> u64 {
+    until(&format!("node {name} is ready"), Duration::from_secs(60), || async {
+        let (_, n) = call(c, base, None, "GET", "/api/v1/nodes", None).await;
+        n.as_array()?.iter().find(|n| n["name"] == name && n["state"] == "ready")?["id"].as_u64()
+    })
+    .await
 }
 
 fn running(uri: &str) -> Vec<String> {
@@ -50,43 +103,12 @@ fn running(uri: &str) -> Vec<String> {
 async fn a_qemu_vm_moves_to_a_node_without_its_template_and_back_and_serves_a_user() {
     let _turn = REAL_VMS.lock().await;
     let uri = script("libvirt-up.sh");
-    let bootdisk = script("build-test-guest-disk.sh");
     let accel = script("accel.sh");
-    let dir = tempfile::tempdir().unwrap();
-    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
-    let template = a.join("templates/desk");
-    std::fs::create_dir_all(&template).unwrap();
-    std::fs::create_dir_all(b.join("templates")).unwrap();
-    let out = Command::new("qemu-img")
-        .args(["convert", "-f", "raw", "-O", "qcow2", &format!("{bootdisk}/bootable.raw")])
-        .arg(template.join("disk.qcow2"))
-        .output()
-        .expect("qemu-img runs");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    std::fs::write(template.join("ready"), READY).unwrap();
-
-    let env = [
-        ("HIVE_VM__TEMPLATE", "desk".to_string()),
-        ("HIVE_VM__CORES", "1".to_string()),
-        ("HIVE_VM__RAM_MB", "256".to_string()),
-        ("HIVE_VM__DISK_MB", "64".to_string()),
-        ("HIVE_POOL__DEFAULT_SIZE__MIN", "0".to_string()),
-    ];
-    let hive = start_hive(&dir.path().join("hive"), "127.0.0.1:0", &env);
+    let TwoNodes { dir: _dir, a, b, hive } = two_nodes();
     let (base, token) = (hive.base.as_str(), hive.token.as_str());
     let c = reqwest::Client::new();
-    let _a = agent(base, join_token(&c, &hive).await, &uri, &accel, &a, "qemu-a");
-    let node_of = |name: &'static str| {
-        let c = c.clone();
-        async move {
-            until(&format!("node {name} is ready"), Duration::from_secs(60), || async {
-                let (_, n) = call(&c, base, None, "GET", "/api/v1/nodes", None).await;
-                n.as_array()?.iter().find(|n| n["name"] == name && n["state"] == "ready")?["id"].as_u64()
-            })
-            .await
-        }
-    };
-    let node_a = node_of("qemu-a").await;
+    let _a = agent(base, join_token(&c, &hive).await, &accel, &a, "qemu-a", &uri, None);
+    let node_a = node_id(&c, base, "qemu-a").await;
     // The pool's VM boots on A, the only node; then B joins.
     let (s, p) = call(&c, base, Some(token), "POST", "/api/v1/pools", Some(json!({"name": "desk", "min": 1, "max": 1}))).await;
     assert_eq!(s, 201, "{p}");
@@ -94,8 +116,8 @@ async fn a_qemu_vm_moves_to_a_node_without_its_template_and_back_and_serves_a_us
         vms(&c, base, "desk").await.into_iter().find(|(_, s, n)| s == "free" && *n == node_a).map(|v| v.0)
     })
     .await;
-    let _b = agent(base, join_token(&c, &hive).await, &uri, &accel, &b, "qemu-b");
-    let node_b = node_of("qemu-b").await;
+    let _b = agent(base, join_token(&c, &hive).await, &accel, &b, "qemu-b", &uri, None);
+    let node_b = node_id(&c, base, "qemu-b").await;
     assert!(running(&uri).contains(&format!("desk-{vm}")), "{:?}", running(&uri));
 
     // A → B: B lacks the template, so its base disk travels too.

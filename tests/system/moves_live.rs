@@ -6,47 +6,15 @@
 //! handle, and the console answers on the new node. Once released, the VM is replaced: its
 //! clean snapshot stayed behind. Nothing simulated.
 
-use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use serde_json::json;
 
-use crate::agents::{Proc, join_token, start_hive};
+use crate::agents::join_token;
 use crate::libvirt_e2e::{REAL_VMS, script, serial, virsh};
 use crate::moves::{call, move_and_wait, vms};
+use crate::moves_libvirt::{READY, TwoNodes, agent, node_id, two_nodes};
 use crate::support::until;
-
-const READY: &str = "guaca-hive test guest ready";
-
-fn agent(hive: &str, token: String, accel: &str, dir: &Path, name: &str, uri: &str, peer: Option<&str>) -> Proc {
-    let mut cmd = Command::new(crate::support::hive_bin());
-    cmd.args(["node", "--hive", hive, "--driver", "libvirt", "--libvirt-uri", uri, "--accel", accel])
-        .args(["--cores", "2", "--ram-mb", "2048", "--disk-mb", "10000", "--name", name])
-        .arg("--templates-dir")
-        .arg(dir.join("templates"))
-        .arg("--vm-dir")
-        .arg(dir.join("vms"))
-        .arg("--data-dir")
-        .arg(dir.join("node"));
-    if let Some(peer) = peer {
-        // How the giving node's libvirtd reaches this one (libvirt takes a destination on the
-        // same machine only as qemu+unix with a socket), and where the memory goes.
-        let peer = peer.replacen("qemu://", "qemu+unix://", 1);
-        cmd.args(["--libvirt-peer-uri", &peer, "--libvirt-migrate-uri", "tcp://127.0.0.1"]);
-        // Apart from the main daemon's displays: neither libvirtd sees the other's domains.
-        cmd.args(["--vnc-first-port", "7900"]);
-    }
-    Proc {
-        child: cmd
-            .env("HIVE_NODE_TOKEN", token)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start a libvirt node"),
-    }
-}
 
 fn domains(uri: &str) -> Vec<String> {
     String::from_utf8_lossy(&virsh(uri, &["list", "--all", "--name"]).stdout)
@@ -61,43 +29,12 @@ async fn an_occupied_qemu_vm_moves_live_to_another_libvirt_host_and_keeps_its_us
     let _turn = REAL_VMS.lock().await;
     let main = script("libvirt-up.sh");
     let peer = script("libvirt-peer-up.sh");
-    let bootdisk = script("build-test-guest-disk.sh");
     let accel = script("accel.sh");
-    let dir = tempfile::tempdir().unwrap();
-    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
-    let template = a.join("templates/desk");
-    std::fs::create_dir_all(&template).unwrap();
-    std::fs::create_dir_all(b.join("templates")).unwrap();
-    let out = Command::new("qemu-img")
-        .args(["convert", "-f", "raw", "-O", "qcow2", &format!("{bootdisk}/bootable.raw")])
-        .arg(template.join("disk.qcow2"))
-        .output()
-        .expect("qemu-img runs");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    std::fs::write(template.join("ready"), READY).unwrap();
-
-    let env = [
-        ("HIVE_VM__TEMPLATE", "desk".to_string()),
-        ("HIVE_VM__CORES", "1".to_string()),
-        ("HIVE_VM__RAM_MB", "256".to_string()),
-        ("HIVE_VM__DISK_MB", "64".to_string()),
-        ("HIVE_POOL__DEFAULT_SIZE__MIN", "0".to_string()),
-    ];
-    let hive = start_hive(&dir.path().join("hive"), "127.0.0.1:0", &env);
+    let TwoNodes { dir: _dir, a, b, hive } = two_nodes();
     let (base, token) = (hive.base.as_str(), hive.token.as_str());
     let c = reqwest::Client::new();
     let _a = agent(base, join_token(&c, &hive).await, &accel, &a, "live-a", &main, None);
-    let node_of = |name: &'static str| {
-        let c = c.clone();
-        async move {
-            until(&format!("node {name} is ready"), Duration::from_secs(60), || async {
-                let (_, n) = call(&c, base, None, "GET", "/api/v1/nodes", None).await;
-                n.as_array()?.iter().find(|n| n["name"] == name && n["state"] == "ready")?["id"].as_u64()
-            })
-            .await
-        }
-    };
-    let node_a = node_of("live-a").await;
+    let node_a = node_id(&c, base, "live-a").await;
     let (s, p) = call(&c, base, Some(token), "POST", "/api/v1/pools", Some(json!({"name": "desk", "min": 1, "max": 1}))).await;
     assert_eq!(s, 201, "{p}");
     let vm = until("a free VM on node A", Duration::from_secs(240), || async {
@@ -105,7 +42,7 @@ async fn an_occupied_qemu_vm_moves_live_to_another_libvirt_host_and_keeps_its_us
     })
     .await;
     let _b = agent(base, join_token(&c, &hive).await, &accel, &b, "live-b", &peer, Some(&peer));
-    let node_b = node_of("live-b").await;
+    let node_b = node_id(&c, base, "live-b").await;
 
     // A user takes the VM and leaves something in its RAM.
     let (_, bt) =
