@@ -60,10 +60,7 @@ fn plain_boot(tpl: &Path, accel: &str) -> Duration {
 
 #[tokio::main]
 async fn main() {
-    let argv: Vec<String> = std::env::args().skip(1).collect();
-    let bench = argv.iter().any(|a| a == "--bench");
-    let rounds = argv.iter().position(|a| a == "--rounds").and_then(|i| argv.get(i + 1)).and_then(|n| n.parse().ok());
-    let rounds: usize = rounds.unwrap_or(if bench { 5 } else { 1 });
+    let rounds = real_vms::rounds();
     let uri = script("libvirt-up.sh");
     let templates = PathBuf::from(script("build-test-guest.sh"));
     let accel = script("accel.sh");

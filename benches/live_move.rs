@@ -105,10 +105,7 @@ fn virsh_migrate(a: &Host, b: &Host, name: &str) -> f64 {
 
 #[tokio::main]
 async fn main() {
-    let argv: Vec<String> = std::env::args().skip(1).collect();
-    let bench = argv.iter().any(|a| a == "--bench");
-    let rounds = argv.iter().position(|a| a == "--rounds").and_then(|i| argv.get(i + 1)).and_then(|n| n.parse().ok());
-    let rounds: usize = rounds.unwrap_or(if bench { 5 } else { 1 });
+    let rounds = real_vms::rounds();
     let (main_uri, peer_uri) = (script("libvirt-up.sh"), script("libvirt-peer-up.sh"));
     let templates = PathBuf::from(script("build-test-guest.sh"));
     let accel = script("accel.sh");

@@ -8,6 +8,15 @@ use std::time::{Duration, Instant};
 use guaca_hive::drivers::libvirt::LibvirtHypervisor;
 use guaca_hive::drivers::{DriverError, Hypervisor};
 
+/// Rounds to run: `--rounds N`, else 5 under `cargo bench` (`--bench`) and 1 as a smoke test
+/// (`cargo test --all-targets` runs benchmarks without `--bench`).
+pub fn rounds() -> usize {
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    let bench = argv.iter().any(|a| a == "--bench");
+    let rounds = argv.iter().position(|a| a == "--rounds").and_then(|i| argv.get(i + 1)).and_then(|n| n.parse().ok());
+    rounds.unwrap_or(if bench { 5 } else { 1 })
+}
+
 /// Run one of the project's (idempotent) scripts and answer the last line it printed.
 pub fn script(name: &str) -> String {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts").join(name);

@@ -25,10 +25,10 @@ use virt::domain_snapshot::DomainSnapshot;
 use virt::sys;
 
 use super::Shared;
-use super::moves::{template_of, template_sha256};
-use super::ops::{self, check_name, conn, failed, lookup, overlay_path};
-use crate::drivers::domain_xml::{DomainXmlError, HIVE_NS, TemplateFiles, esc};
-use crate::drivers::{DriverError, LiveSource, LiveTarget, VmSpec, missing_template};
+use super::moves::{free_place, same_template, template_of, template_sha256};
+use super::ops::{self, check_name, conn, failed, lookup};
+use crate::drivers::domain_xml::{HIVE_NS, TemplateFiles, esc};
+use crate::drivers::{DriverError, LiveSource, LiveTarget, VmSpec};
 
 pub(super) fn live_source(s: &Shared, name: &str) -> Result<LiveSource, DriverError> {
     let conn = conn(s)?;
@@ -61,20 +61,9 @@ pub(super) fn prepare_incoming(s: &Shared, spec: &VmSpec, source: &LiveSource) -
     if spec.name != source.domain {
         return Err(DriverError::Failed(format!("a live move keeps the domain's name: {} is not {}", spec.name, source.domain)));
     }
-    let tpl = match TemplateFiles::locate(&s.cfg.templates_dir, &source.template) {
-        Ok(t) => t,
-        Err(DomainXmlError::NoTemplate { .. }) => return Err(missing_template(&source.template)),
-        Err(e) => return Err(DriverError::Failed(e.to_string())),
-    };
-    if !template_sha256(&tpl.disk)?.eq_ignore_ascii_case(&source.template_sha256) {
-        return Err(DriverError::Failed(format!("template {} on this node differs from the source's", source.template)));
-    }
+    let tpl = same_template(s, &source.template, &source.template_sha256)?;
     let conn = conn(s)?;
-    ops::refuse_existing(&conn, &spec.name)?;
-    let overlay = overlay_path(s, &spec.name);
-    if overlay.exists() {
-        return Err(DriverError::Failed(format!("{} exists already", overlay.display())));
-    }
+    let overlay = free_place(s, &conn, &spec.name)?;
     ops::qemu_img_overlay(s, &tpl, &overlay)?;
     let xml = {
         // The port is free now; it is taken once the migration defines the domain here.

@@ -119,21 +119,9 @@ pub(super) fn import(s: &Shared, spec: &VmSpec, disk: &ExportedDisk) -> Result<S
         return Err(DriverError::Unsupported("importing disks from the hive's registry".into()));
     };
     check_name(&spec.name)?;
-    let tpl = match TemplateFiles::locate(&s.cfg.templates_dir, &disk.template) {
-        Ok(t) => t,
-        Err(DomainXmlError::NoTemplate { .. }) => return Err(missing_template(&disk.template)),
-        Err(e) => return Err(DriverError::Failed(e.to_string())),
-    };
-    if !template_sha256(&tpl.disk)?.eq_ignore_ascii_case(&disk.template_sha256) {
-        return Err(DriverError::Failed(format!("template {} on this node differs from the source's", disk.template)));
-    }
+    let tpl = same_template(s, &disk.template, &disk.template_sha256)?;
     let conn = conn(s)?;
-    ops::refuse_existing(&conn, &spec.name)?;
-    let overlay = overlay_path(s, &spec.name);
-    if overlay.exists() {
-        // Not ours to replace: whatever wrote it may still want it.
-        return Err(DriverError::Failed(format!("{} exists already", overlay.display())));
-    }
+    let overlay = free_place(s, &conn, &spec.name)?;
     let started = std::time::Instant::now();
     let prepared = std::fs::copy(source, &overlay)
         .map_err(|e| DriverError::Failed(format!("copying {} to {}: {e}", source.display(), overlay.display())))
@@ -146,6 +134,31 @@ pub(super) fn import(s: &Shared, spec: &VmSpec, disk: &ExportedDisk) -> Result<S
     ops::define_or_clean_up(s, &conn, &spec, &tpl, &overlay)?;
     tracing::info!(vm = %spec.name, template = %spec.template, duration_ms = started.elapsed().as_millis() as u64, "imported from a move");
     Ok(spec.name.clone())
+}
+
+/// This node's template `name`, if its disk has the source's digest: `NotFound("template …")`
+/// when there is none, `Failed` when it differs (an overlay on the wrong base is garbage).
+pub(super) fn same_template(s: &Shared, name: &str, sha256: &str) -> Result<TemplateFiles, DriverError> {
+    let tpl = match TemplateFiles::locate(&s.cfg.templates_dir, name) {
+        Ok(t) => t,
+        Err(DomainXmlError::NoTemplate { .. }) => return Err(missing_template(name)),
+        Err(e) => return Err(DriverError::Failed(e.to_string())),
+    };
+    if !template_sha256(&tpl.disk)?.eq_ignore_ascii_case(sha256) {
+        return Err(DriverError::Failed(format!("template {name} on this node differs from the source's")));
+    }
+    Ok(tpl)
+}
+
+/// The overlay path for a domain `name` arriving here, if neither the name nor the file is taken.
+pub(super) fn free_place(s: &Shared, conn: &virt::connect::Connect, name: &str) -> Result<PathBuf, DriverError> {
+    ops::refuse_existing(conn, name)?;
+    let overlay = overlay_path(s, name);
+    if overlay.exists() {
+        // Not ours to replace: whatever wrote it may still want it.
+        return Err(DriverError::Failed(format!("{} exists already", overlay.display())));
+    }
+    Ok(overlay)
 }
 
 fn qemu_img(s: &Shared, args: &[&std::ffi::OsStr]) -> Result<Vec<u8>, DriverError> {
