@@ -7,8 +7,10 @@
 //! 2. `prepare_incoming` (taking node): an empty overlay on its own template, and the
 //!    definitions rewritten for this node: disk, kernel and initrd, serial socket and log, VNC
 //!    listen address and port. The name stays (libvirt checks it; the taking libvirtd is
-//!    another host, so it cannot be taken there by the VM's own old domain). The overlay's backing chain is left out: libvirt reads
-//!    it from the overlay here.
+//!    another host, so the VM's old domain cannot hold it there). The overlay's backing chain
+//!    is left out: libvirt reads it from the overlay here. Two preparations at once may pick
+//!    the same free VNC port (it is taken only when the migration defines the domain): the
+//!    second migration then fails and its VM stays where it was.
 //! 3. `migrate_live` (giving node): its libvirtd connects to the taking node's (`peer_uri`;
 //!    libvirt refuses a destination on the same host unless it is `qemu+unix://…?socket=…`),
 //!    mirrors the disk and sends the memory, and the domain is defined there and undefined
@@ -25,9 +27,9 @@ use virt::domain_snapshot::DomainSnapshot;
 use virt::sys;
 
 use super::Shared;
-use super::moves::{free_place, same_template, template_of, template_sha256};
+use super::moves::{free_place, same_template, template_and_digest};
 use super::ops::{self, check_name, conn, failed, lookup};
-use crate::drivers::domain_xml::{HIVE_NS, TemplateFiles, esc};
+use crate::drivers::domain_xml::esc;
 use crate::drivers::{DriverError, LiveSource, LiveTarget, VmSpec};
 
 pub(super) fn live_source(s: &Shared, name: &str) -> Result<LiveSource, DriverError> {
@@ -36,11 +38,7 @@ pub(super) fn live_source(s: &Shared, name: &str) -> Result<LiveSource, DriverEr
     if !dom.is_active().map_err(failed)? {
         return Err(DriverError::Failed(format!("{name} is not running: a live move needs a running VM")));
     }
-    let metadata = dom.get_metadata(sys::VIR_DOMAIN_METADATA_ELEMENT as i32, Some(HIVE_NS), 0).map_err(failed)?;
-    let template = template_of(&metadata).ok_or_else(|| DriverError::Failed(format!("{name} names no template in its metadata")))?;
-    let tpl = TemplateFiles::locate(&s.cfg.templates_dir, &template)
-        .map_err(|e| DriverError::Failed(format!("the template of {name} is gone: {e}")))?;
-    let template_sha256 = template_sha256(&tpl.disk)?;
+    let (template, template_sha256) = template_and_digest(s, &dom, name)?;
     // Secure: the definition keeps its VNC password, so the user's password works there too.
     let flags = sys::VIR_DOMAIN_XML_SECURE | sys::VIR_DOMAIN_XML_MIGRATABLE;
     let xml = dom.get_xml_desc(flags).map_err(failed)?;

@@ -80,6 +80,16 @@ fn cached_digest(cache: &Path, disk: &std::fs::Metadata) -> Option<String> {
     good.then(|| hex.to_ascii_lowercase())
 }
 
+/// The template domain `name` was cloned from (its metadata says) and that template disk's digest.
+pub(super) fn template_and_digest(s: &Shared, dom: &virt::domain::Domain, name: &str) -> Result<(String, String), DriverError> {
+    let metadata = dom.get_metadata(sys::VIR_DOMAIN_METADATA_ELEMENT as i32, Some(HIVE_NS), 0).map_err(failed)?;
+    let template = template_of(&metadata).ok_or_else(|| DriverError::Failed(format!("{name} names no template in its metadata")))?;
+    let tpl = TemplateFiles::locate(&s.cfg.templates_dir, &template)
+        .map_err(|e| DriverError::Failed(format!("the template of {name} is gone: {e}")))?;
+    let digest = template_sha256(&tpl.disk)?;
+    Ok((template, digest))
+}
+
 /// Hard-stop the domain if it runs, and answer its overlay, template and template digest. The
 /// definition and the overlay stay, so a move that fails can start it again.
 pub(super) fn export(s: &Shared, name: &str) -> Result<ExportedDisk, DriverError> {
@@ -97,15 +107,11 @@ pub(super) fn export(s: &Shared, name: &str) -> Result<ExportedDisk, DriverError
         Ok(())
     };
     stop().map_err(failed)?;
-    let metadata = dom.get_metadata(sys::VIR_DOMAIN_METADATA_ELEMENT as i32, Some(HIVE_NS), 0).map_err(failed)?;
-    let template = template_of(&metadata).ok_or_else(|| DriverError::Failed(format!("{name} names no template in its metadata")))?;
     let overlay = overlay_path(s, name);
     if !overlay.is_file() {
         return Err(DriverError::Failed(format!("{name} has no overlay at {}", overlay.display())));
     }
-    let tpl = TemplateFiles::locate(&s.cfg.templates_dir, &template)
-        .map_err(|e| DriverError::Failed(format!("the template of {name} is gone: {e}")))?;
-    let template_sha256 = template_sha256(&tpl.disk)?;
+    let (template, template_sha256) = template_and_digest(s, &dom, name)?;
     tracing::info!(vm = %name, template = %template, "exported for a move");
     Ok(ExportedDisk { disk: DiskRef::File { path: overlay }, template, template_sha256 })
 }
